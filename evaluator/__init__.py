@@ -1,0 +1,1 @@
+"""Checklist-guided pairwise evaluation gate for candidate adapters (depends on ``services``)."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible chat gateway (depends on ``services`` only)."""

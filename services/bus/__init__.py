@@ -1,0 +1,1 @@
+"""The event bus: one interface (``ports``), two backends (Kafka, embedded SQLite log)."""

@@ -1,0 +1,1 @@
+"""The ``wildloop`` command line."""

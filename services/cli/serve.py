@@ -1,0 +1,68 @@
+"""``wildloop serve``: long-running services."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Annotated
+
+import typer
+
+from services.cli.context import context, err
+from services.metrics import Metrics
+from services.recorder import build_recorder
+
+app = typer.Typer(help="Run a long-running wildloop service.", no_args_is_help=True)
+log = logging.getLogger("wildloop.serve")
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: object) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    return stop
+
+
+@app.command("recorder")
+def recorder(
+    ctx: typer.Context,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Port of /metrics (default: WILDLOOP_METRICS_PORT).")
+    ] = None,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(help="Exit after this many seconds without new events (batch use)."),
+    ] = None,
+) -> None:
+    """Keep the store in step with the event log (turns, feedback, labels, adapter events)."""
+    cli = context(ctx)
+    settings = cli.settings
+    store = cli.open_store()
+    bus = cli.open_bus()
+    metrics = Metrics("recorder")
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    server = metrics.serve(settings.metrics_host, port)
+    worker = build_recorder(settings, bus=bus, store=store, metrics=metrics)
+    stop = _stop_on_signals()
+    log.info(
+        "recorder started",
+        extra={"bus": settings.bus_backend.value, "metrics_port": server.port},
+    )
+    try:
+        stats = worker.run(stop=stop, idle_timeout_s=idle_exit)
+    finally:
+        worker.close()
+        server.close()
+        bus.close()
+        store.close()
+    err.print(
+        f"recorder stopped: {stats.applied} applied, {stats.duplicates} duplicate(s), "
+        f"{stats.dead_lettered} dead-lettered",
+        highlight=False,
+    )

@@ -1,0 +1,1 @@
+"""Event contracts (schemas) and their wire encoding."""

