@@ -181,9 +181,20 @@ class KafkaSubscription:
         assigned: list[TopicPartition] = list(self._consumer.assignment())
         if not assigned:
             return {}
-        ends = self._consumer.end_offsets(assigned)
+        # The high watermark the last fetch reported costs no request; ask the broker only for
+        # partitions that have not been fetched yet.
+        ends: dict[TopicPartition, int] = {}
+        unknown: list[TopicPartition] = []
+        for tp in assigned:
+            hw = self._consumer.highwater(tp)
+            if hw is None:
+                unknown.append(tp)
+            else:
+                ends[tp] = hw
+        if unknown:
+            ends.update(self._consumer.end_offsets(unknown))
         return {
-            (tp.topic, tp.partition): max(0, ends[tp] - self._consumer.position(tp))
+            (tp.topic, tp.partition): max(0, ends[tp] - (self._consumer.position(tp) or 0))
             for tp in assigned
         }
 

@@ -1,0 +1,1 @@
+"""Starting and stopping the real services the tests run against."""
