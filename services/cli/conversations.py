@@ -112,7 +112,7 @@ def list_(
         store.close()
     if as_json:
         for r in rows:
-            out.print_json(
+            typer.echo(
                 json.dumps(
                     {
                         "conversation_id": r.conversation_id,
@@ -157,7 +157,7 @@ def show(
     finally:
         store.close()
     if as_json:
-        out.print_json(record.model_dump_json())
+        typer.echo(record.model_dump_json())
         return
     by_turn: dict[int, list[str]] = {}
     for lab in labels:

@@ -6,7 +6,7 @@ import json
 
 from pydantic import ValidationError
 
-from services.events.schemas import EVENT_ADAPTER, EVENT_TYPES, SCHEMA_VERSION, Event
+from services.events.schemas import EVENT_TYPES, SCHEMA_VERSION, Event
 
 CONTENT_TYPE = b"application/json"
 
@@ -55,7 +55,7 @@ def decode(raw: bytes | None) -> Event:
             f"up to {SCHEMA_VERSION})"
         )
     try:
-        return EVENT_ADAPTER.validate_python(doc)
+        return EVENT_TYPES[event_type].model_validate(doc)  # type: ignore[return-value]
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<root>"

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 
@@ -245,8 +245,6 @@ Event = Annotated[
     TurnLogged | FeedbackSubmitted | TurnLabeled | AdapterLifecycleChanged | EventDeadLettered,
     Field(discriminator="event_type"),
 ]
-
-EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 EVENT_TYPES: dict[str, type[_Event]] = {
     "turn.logged": TurnLogged,

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -83,9 +83,14 @@ class Store:
     def _insert_ignore(self, session: Session, model: type[Base], values: dict[str, Any]) -> bool:
         """INSERT ... ON CONFLICT DO NOTHING; True when a row was inserted."""
         insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-        stmt = insert(model).values(**values).on_conflict_do_nothing()
-        result = session.execute(stmt)
-        return bool(result.rowcount)  # type: ignore[attr-defined]
+        # RETURNING tells reliably whether a row went in (rowcount does not on every driver).
+        stmt = (
+            insert(model.__table__)
+            .values(**values)
+            .on_conflict_do_nothing()
+            .returning(literal_column("1"))
+        )
+        return session.connection().execute(stmt).first() is not None
 
     def mark_processed(self, session: Session, *, consumer: str, event_id: str) -> bool:
         """Record that ``consumer`` applied ``event_id``; False if it already had."""
