@@ -19,7 +19,10 @@ from tests.support.proxy import TcpProxy
 
 
 @pytest.mark.postgres
-def test_a_store_outage_pauses_consumption_and_loses_nothing(pg_url: str, tmp_path, topics) -> None:
+def test_a_store_outage_pauses_consumption_and_loses_nothing(
+    pg_url: str, tmp_path: Path, topics: Topics, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="services.worker")
     target = urlsplit(pg_url)
     proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 5432)
     proxy.start()
@@ -61,5 +64,6 @@ def test_a_store_outage_pauses_consumption_and_loses_nothing(pg_url: str, tmp_pa
     assert store.count_turns() == 20
     stats = result[0]
     assert stats.dead_lettered == 0  # type: ignore[attr-defined]
+    assert any(r.getMessage() == "store unavailable, retrying" for r in caplog.records)
     store.close()
     proxy.stop()

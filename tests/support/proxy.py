@@ -30,6 +30,9 @@ class TcpProxy:
         """Refuse new connections and cut every open one."""
         with self._lock:
             if self._listener is not None:
+                # shutdown() wakes the thread blocked in accept(); close() alone does not.
+                with contextlib.suppress(OSError):
+                    self._listener.shutdown(socket.SHUT_RDWR)
                 self._listener.close()
                 self._listener = None
             for c in self._conns:
