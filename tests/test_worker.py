@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -12,6 +14,7 @@ from services.bus.typed import EventPublisher
 from services.events.schemas import Role, TurnLogged
 from services.metrics import Metrics
 from services.recorder import handlers
+from services.settings import Topics
 from services.store.repository import Store
 from services.worker import ConsumerWorker
 from tests.conftest import embedded_log
