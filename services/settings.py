@@ -68,6 +68,9 @@ class KafkaSettings(BaseModel):
         default=10_000, ge=0, description="How long publish() may block when the broker is down."
     )
     request_timeout_ms: int = Field(default=30_000, ge=1000)
+    bootstrap_timeout_ms: int = Field(
+        default=30_000, ge=100, description="How long a new client tries to reach the cluster."
+    )
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)

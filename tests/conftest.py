@@ -177,3 +177,14 @@ def sqlite_store(tmp_path: Path) -> Iterator[Store]:
     s = Store.open(f"sqlite:///{tmp_path / 'store.db'}")
     yield s
     s.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """A Kafka or PostgreSQL test that skips is a failure: CI must never pass without them."""
+    outcome = yield
+    report = outcome.get_result()
+    needs_service = item.get_closest_marker("kafka") or item.get_closest_marker("postgres")
+    if report.skipped and needs_service:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} needs Kafka/PostgreSQL and was skipped: {report.longrepr}"

@@ -37,6 +37,7 @@ class KafkaEventBus:
             "client_id": s.client_id,
             "security_protocol": s.security_protocol,
             "request_timeout_ms": s.request_timeout_ms,
+            "bootstrap_timeout_ms": s.bootstrap_timeout_ms,
         }
         if s.sasl_mechanism:
             common.update(
