@@ -74,6 +74,12 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(default=10_000, ge=1000)
     heartbeat_interval_ms: int = Field(default=1_000, ge=100)
     max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    fetch_max_wait_ms: int = Field(
+        default=100,
+        ge=0,
+        description="Longest a fetch waits for data; bounds end-to-end latency on brokers that "
+        "do not answer a waiting fetch as soon as data arrives.",
+    )
 
 
 class EmbeddedLogSettings(BaseModel):
@@ -88,7 +94,7 @@ class EmbeddedLogSettings(BaseModel):
         default=10_000, ge=100, description="A consumer silent this long loses its partitions."
     )
     retention_hours: float = Field(
-        default=168.0, gt=0, description="Records older than this may be deleted by compaction."
+        default=168.0, gt=0, description="`wildloop bus prune` deletes records older than this."
     )
 
 

@@ -134,3 +134,15 @@ def test_doctor_fails_clearly_when_the_configured_services_are_down(tmp_path: Pa
     )
     assert result.returncode == 1
     assert "not ready: store, event bus, model" in result.stdout
+
+
+def test_bus_topics_and_prune_maintain_the_embedded_log(tmp_path: Path) -> None:
+    assert run(tmp_path, "demo").returncode == 0
+    topics = run(tmp_path, "bus", "topics")
+    assert topics.returncode == 0 and "chat.turns" in topics.stdout
+    kept = run(tmp_path, "bus", "prune")  # default retention keeps fresh records
+    assert kept.returncode == 0 and "deleted 0 record(s)" in kept.stderr
+    pruned = run(tmp_path, "bus", "prune", "--older-than-hours", "0")
+    assert pruned.returncode == 0 and "deleted 27 record(s)" in pruned.stderr
+    # pruned offsets are never reused: the store keeps what was recorded
+    assert run(tmp_path, "conversations", "show", "demo-1").returncode == 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.events.codec import DecodeError, decode, encode, headers_for
+from services.events.codec import DecodeError, decode, encode
 from services.events.schemas import (
     AdapterAction,
     AdapterLifecycleChanged,
@@ -70,7 +70,7 @@ def test_events_carry_a_unique_id_a_version_and_an_aware_timestamp() -> None:
     a, b = (TurnLogged(conversation_id="c", turn=0, role=Role.USER, content="x") for _ in "ab")
     assert a.event_id != b.event_id
     assert a.schema_version == 1 and a.occurred_at.tzinfo is not None
-    assert dict(headers_for(a))["event_type"] == b"turn.logged"
+    assert json.loads(encode(a))["event_type"] == "turn.logged"
 
 
 def test_conversation_events_are_keyed_by_conversation_and_adapter_events_by_adapter() -> None:

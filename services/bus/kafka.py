@@ -149,6 +149,7 @@ class KafkaSubscription:
             session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             max_poll_interval_ms=s.max_poll_interval_ms,
+            fetch_max_wait_ms=s.fetch_max_wait_ms,
         )
 
     def poll(self, *, timeout_s: float = 1.0, max_records: int = 500) -> list[Record]:

@@ -8,8 +8,6 @@ from pydantic import ValidationError
 
 from services.events.schemas import EVENT_TYPES, SCHEMA_VERSION, Event
 
-CONTENT_TYPE = b"application/json"
-
 
 class DecodeError(ValueError):
     """A record that is not a valid event; ``reason`` says why in one line."""
@@ -21,14 +19,6 @@ class DecodeError(ValueError):
 
 def encode(event: Event) -> bytes:
     return event.model_dump_json().encode("utf-8")
-
-
-def headers_for(event: Event) -> list[tuple[str, bytes]]:
-    return [
-        ("event_type", event.event_type.encode()),
-        ("schema_version", str(event.schema_version).encode()),
-        ("content_type", CONTENT_TYPE),
-    ]
 
 
 def decode(raw: bytes | None) -> Event:
