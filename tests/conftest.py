@@ -73,12 +73,10 @@ class BusUnderTest:
 
     def __init__(
         self,
-        backend: str,
         make: Callable[[], EventBus],
         settings: WildloopSettings,
         broker: TansuBroker | None = None,
     ) -> None:
-        self.backend = backend
         self._make = make
         self.settings = settings
         self.broker = broker
@@ -106,22 +104,27 @@ def embedded_log(path: Path) -> EmbeddedEventLog:
     )
 
 
-@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
-def bus_under_test(
-    request: pytest.FixtureRequest, tmp_path: Path, topics: Topics
-) -> Iterator[BusUnderTest]:
-    if request.param == "embedded":
+def _harness(tmp_path: Path, topics: Topics, broker: TansuBroker | None) -> BusUnderTest:
+    if broker is None:
         settings = WildloopSettings(data_dir=tmp_path, topics=topics)
-        harness = BusUnderTest("embedded", lambda: embedded_log(tmp_path / "events.db"), settings)
+        harness = BusUnderTest(lambda: embedded_log(tmp_path / "events.db"), settings)
     else:
-        broker: TansuBroker = request.getfixturevalue("kafka_broker")
         settings = WildloopSettings(
             data_dir=tmp_path, topics=topics, kafka_bootstrap=broker.bootstrap, kafka=TEST_KAFKA
         )
         harness = BusUnderTest(
-            "kafka", lambda: KafkaEventBus([broker.bootstrap], TEST_KAFKA), settings
+            lambda: KafkaEventBus([broker.bootstrap], TEST_KAFKA), settings, broker
         )
     harness.bus.ensure_topics(topics.all())
+    return harness
+
+
+@pytest.fixture(params=["embedded", pytest.param("kafka", marks=pytest.mark.kafka)])
+def bus_under_test(
+    request: pytest.FixtureRequest, tmp_path: Path, topics: Topics
+) -> Iterator[BusUnderTest]:
+    broker = request.getfixturevalue("kafka_broker") if request.param == "kafka" else None
+    harness = _harness(tmp_path, topics, broker)
     yield harness
     harness.close()
 
@@ -136,23 +139,14 @@ def s3_env() -> Iterator[dict[str, str]]:
 def restartable_bus(
     request: pytest.FixtureRequest, tmp_path: Path, topics: Topics
 ) -> Iterator[BusUnderTest]:
-    """Like ``bus_under_test``, but the Kafka broker keeps its data in (local) S3 storage so
-    it survives a restart."""
-    if request.param == "embedded":
-        settings = WildloopSettings(data_dir=tmp_path, topics=topics)
-        harness = BusUnderTest("embedded", lambda: embedded_log(tmp_path / "events.db"), settings)
-    else:
-        env: dict[str, str] = request.getfixturevalue("s3_env")
-        broker = TansuBroker("s3://tansu/", env=env)
+    """Like ``bus_under_test``, but a Kafka broker of its own that keeps its data in (local) S3
+    storage, so it survives a restart."""
+    broker = None
+    if request.param == "kafka":
+        broker = TansuBroker("s3://tansu/", env=request.getfixturevalue("s3_env"))
         broker.start()
         request.addfinalizer(broker.close)
-        settings = WildloopSettings(
-            data_dir=tmp_path, topics=topics, kafka_bootstrap=broker.bootstrap, kafka=TEST_KAFKA
-        )
-        harness = BusUnderTest(
-            "kafka", lambda: KafkaEventBus([broker.bootstrap], TEST_KAFKA), settings, broker
-        )
-    harness.bus.ensure_topics(topics.all())
+    harness = _harness(tmp_path, topics, broker)
     yield harness
     harness.close()
 
