@@ -33,7 +33,7 @@ def handlers(store: Store) -> dict[type[Any], Handler]:
         if store.record_turn(session, event) is WriteOutcome.CONFLICT:
             raise RejectedEventError(
                 f"turn {event.turn} of conversation {event.conversation_id!r} is already "
-                f"recorded from a different event"
+                f"recorded from a different event, or the conversation belongs to another tenant"
             )
 
     def on_feedback(event: FeedbackSubmitted, session: Session) -> None:

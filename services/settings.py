@@ -98,6 +98,33 @@ class EmbeddedLogSettings(BaseModel):
     )
 
 
+class GatewaySettings(BaseModel):
+    """The OpenAI-compatible gateway."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    model_alias: str = Field(
+        default="wildloop",
+        description="Model name that resolves to the production adapter (or the base model).",
+    )
+    auth_required: bool = Field(
+        default=True, description="Require an API key (`wildloop keys create`) on every call."
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    outbox_max_events: int = Field(
+        default=1_000_000, ge=100, description="Backlog bound; beyond it chat answers 503."
+    )
+    outbox_batch: int = Field(default=500, ge=1)
+    history_cache_size: int = Field(
+        default=100_000, ge=0, description="Conversations remembered for history linking."
+    )
+    production_refresh_s: float = Field(
+        default=5.0, gt=0, description="How often the alias re-reads the production adapter."
+    )
+    local_max_model_len: int = Field(default=2048, ge=128)
+
+
 class WildloopSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WILDLOOP_",
@@ -131,6 +158,7 @@ class WildloopSettings(BaseSettings):
     topics: Topics = Field(default_factory=Topics)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     embedded_log: EmbeddedLogSettings = Field(default_factory=EmbeddedLogSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     # --- models ------------------------------------------------------------------------------
     base_model: str = Field(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from services.cli import bus, conversations, db, demo, doctor, serve
+from services.cli import bus, conversations, db, demo, doctor, keys, serve
 from services.cli.context import CliContext, err
 from services.logs import configure_logging
 from services.settings import WildloopSettings
@@ -22,6 +22,8 @@ app.add_typer(conversations.app, name="conversations")
 app.add_typer(serve.app, name="serve")
 app.add_typer(db.app, name="db")
 app.add_typer(bus.app, name="bus")
+app.add_typer(keys.app, name="keys")
+serve.register_plugins()
 app.command("doctor")(doctor.doctor)
 app.command("demo")(demo.demo)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from importlib.metadata import entry_points
 from typing import Annotated
 
 import typer
@@ -15,6 +16,16 @@ from services.recorder import build_recorder
 
 app = typer.Typer(help="Run a long-running wildloop service.", no_args_is_help=True)
 log = logging.getLogger("wildloop.serve")
+
+PLUGIN_GROUP = "wildloop.serve"
+
+
+def register_plugins() -> None:
+    """Add ``wildloop serve <name>`` for every installed component that declares an entry point
+    in the ``wildloop.serve`` group (e.g. the gateway). The core CLI never imports components;
+    they plug themselves in, so dependencies keep pointing inward."""
+    for ep in entry_points(group=PLUGIN_GROUP):
+        app.command(ep.name)(ep.load())
 
 
 def _stop_on_signals() -> threading.Event:

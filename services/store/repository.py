@@ -111,6 +111,11 @@ class Store:
                 "extra": {},
             },
         )
+        owner = session.scalar(
+            select(Conversation.tenant_id).where(Conversation.id == event.conversation_id)
+        )
+        if owner != event.tenant_id:  # another tenant's conversation: never mix them
+            return WriteOutcome.CONFLICT
         conv_extra = event.extra.get("conversation")
         if isinstance(conv_extra, dict) and conv_extra:
             session.execute(

@@ -165,7 +165,7 @@ def test_listing_is_newest_first_and_scoped_to_a_tenant(store: Store) -> None:
             store.record_turn(
                 s, turn(f"c{i}", 0, tenant_id=tenant, occurred_at=t0 + timedelta(minutes=i))
             )
-        store.record_turn(s, turn("c0", 1, occurred_at=t0 + timedelta(hours=1)))
+        store.record_turn(s, turn("c0", 1, tenant_id="a", occurred_at=t0 + timedelta(hours=1)))
     assert [c.conversation_id for c in store.list_conversations()] == ["c0", "c2", "c1"]
     assert [c.conversation_id for c in store.list_conversations(tenant_id="a")] == ["c0", "c1"]
     assert [c.turns for c in store.list_conversations(tenant_id="a")] == [2, 1]
@@ -179,3 +179,12 @@ def test_export_streams_in_batches_and_sees_every_conversation(store: Store) -> 
             store.record_turn(s, turn(f"c{i:02}", 0))
     ids = [r.conversation_id for r in store.iter_conversations(batch_size=7)]
     assert ids == [f"c{i:02}" for i in range(25)]
+
+
+def test_a_turn_never_joins_another_tenant_s_conversation(store: Store) -> None:
+    with store.transaction() as s:
+        store.record_turn(s, turn("c1", 0, tenant_id="a"))
+    with store.transaction() as s:
+        assert store.record_turn(s, turn("c1", 1, tenant_id="b")) is WriteOutcome.CONFLICT
+    record = store.get_conversation("c1")
+    assert record is not None and len(record.messages) == 1

@@ -1,0 +1,1 @@
+"""Chat backends: one interface (``base``), two implementations (``local``, ``vllm``)."""

@@ -1,0 +1,116 @@
+"""The interface every chat backend implements (local transformers+PEFT, vLLM).
+
+A backend serves a base model plus any number of LoRA adapters addressed by name, generates
+whole completions or token streams, and loads/unloads adapters at run time. Errors are raised as
+the exceptions below; the gateway maps them to OpenAI-style HTTP errors in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    messages: Sequence[ChatMessage]
+    adapter: str | None = None  # None = the base model
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: Sequence[str] = field(default=())
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of generated text, in order."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The last item of every stream."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+StreamItem = TextDelta | StreamEnd
+
+
+class BackendError(RuntimeError):
+    """Base class of backend failures."""
+
+
+class BackendUnavailableError(BackendError):
+    """The model server cannot be reached or is not ready (HTTP 503)."""
+
+
+class BackendTimeoutError(BackendError):
+    """Generation did not finish in time (HTTP 504)."""
+
+
+class UnknownAdapterError(BackendError):
+    """No adapter of that name is loaded (HTTP 404)."""
+
+
+class AdapterLoadError(BackendError):
+    """An adapter folder could not be loaded (HTTP 400)."""
+
+
+class InvalidGenerationError(BackendError):
+    """The request is invalid for this model, e.g. the prompt is too long (HTTP 400)."""
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """Implementations must be safe for many concurrent requests on one event loop."""
+
+    base_model: str
+
+    async def start(self) -> None:
+        """Load or connect; called once before serving."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ready(self) -> bool:
+        """True when a request would be served now."""
+        ...
+
+    async def complete(self, request: GenerationRequest) -> Completion: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+        """Text deltas as they are generated, then exactly one ``StreamEnd``. Closing the
+        iterator early (client gone) stops generation."""
+        ...
+
+    async def adapters(self) -> dict[str, str]:
+        """Loaded adapters: name -> path."""
+        ...
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load (or replace) adapter ``name`` from a PEFT adapter folder."""
+        ...
+
+    async def unload_adapter(self, name: str) -> None: ...

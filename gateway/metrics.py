@@ -1,0 +1,34 @@
+"""The gateway's Prometheus metrics, defined in one place."""
+
+from __future__ import annotations
+
+from services.metrics import Metrics
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class GatewayMetrics:
+    def __init__(self, metrics: Metrics) -> None:
+        self.registry = metrics
+        self.requests = metrics.counter(
+            "requests",
+            "HTTP requests, by route, model, adapter and status.",
+            ["route", "model", "adapter", "status"],
+        )
+        self.latency = metrics.histogram(
+            "request_duration",
+            "seconds",
+            "Request latency to the last byte.",
+            ["route", "model", "adapter", "status"],
+        )
+        self.ttft = metrics.histogram(
+            "time_to_first_token",
+            "seconds",
+            "Streaming: time to the first generated text.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+        )
+        self.tokens = metrics.counter("tokens", "Tokens processed.", ["kind"])
+        self.unlogged = metrics.counter(
+            "unlogged_answers", "Answers refused because the event backlog was full."
+        )

@@ -1,0 +1,210 @@
+"""A durable local outbox between the chat path and the event bus.
+
+The request path only appends to a local SQLite file (one small transaction, no network) and
+never waits on the broker. A background thread drains the file to the bus in batches: it deletes
+records only after the bus acknowledged them (``flush``), so a crash or a broker outage loses
+nothing; a record may be published twice after a crash, which consumers absorb by event id.
+
+The outbox is bounded (``max_events``): when the bus has been away so long that the backlog is
+full, ``append`` raises :class:`OutboxFullError` and the gateway answers 503 rather than serving
+turns it could not log. What is left at shutdown stays on disk for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+
+from services.bus.ports import Publisher, PublishError
+from services.bus.typed import topic_for
+from services.events.codec import encode
+from services.events.schemas import Event
+from services.metrics import Metrics
+from services.settings import Topics
+
+log = logging.getLogger(__name__)
+
+_metadata = MetaData()
+outbox_table = Table(
+    "outbox",
+    _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("topic", String(255), nullable=False),
+    Column("key", Text, nullable=True),
+    Column("value", LargeBinary, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+
+class OutboxFullError(RuntimeError):
+    """The backlog reached its bound; the caller must not proceed as if the events were kept."""
+
+
+def _engine(path: Path) -> Engine:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=10000")
+        cur.close()
+
+    return engine
+
+
+class Outbox:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        publisher: Publisher,
+        topics: Topics,
+        metrics: Metrics,
+        max_events: int = 1_000_000,
+        batch: int = 500,
+        idle_wait_s: float = 0.005,
+        flush_timeout_s: float = 10.0,
+    ) -> None:
+        self.path = path
+        self._publisher = publisher
+        self._topics = topics
+        self.max_events = max_events
+        self.batch = batch
+        self.idle_wait_s = idle_wait_s
+        self.flush_timeout_s = flush_timeout_s
+        self._engine = _engine(path)
+        with self._engine.begin() as conn:
+            _metadata.create_all(conn)
+            self._depth = int(
+                conn.execute(select(func.count()).select_from(outbox_table)).scalar() or 0
+            )
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.m_depth = metrics.gauge("outbox_depth", "events", "Events waiting for the bus.")
+        self.m_published = metrics.counter("outbox_published", "Events delivered to the bus.")
+        self.m_failures = metrics.counter(
+            "bus_publish_failures", "Failed attempts to publish an outbox batch to the bus."
+        )
+        self.m_depth.set(self._depth)
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def append(self, events: Sequence[Event]) -> None:
+        """Keep ``events`` durably for the bus, in order; raises OutboxFullError when full."""
+        if not events:
+            return
+        rows = [
+            {"topic": topic_for(e, self._topics), "key": e.partition_key, "value": encode(e)}
+            for e in events
+        ]
+        with self._lock:
+            if self._depth + len(rows) > self.max_events:
+                raise OutboxFullError(
+                    f"event backlog full ({self._depth} events waiting for the bus)"
+                )
+            with self._engine.begin() as conn:
+                conn.execute(outbox_table.insert(), rows)
+            self._depth += len(rows)
+            self.m_depth.set(self._depth)
+        self._wake.set()
+
+    # -- draining -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox-drain", daemon=True)
+        self._thread.start()
+
+    def drain_once(self) -> int:
+        """Publish one batch; returns how many were delivered (0 if empty)."""
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    outbox_table.c.id,
+                    outbox_table.c.topic,
+                    outbox_table.c.key,
+                    outbox_table.c.value,
+                )
+                .order_by(outbox_table.c.id)
+                .limit(self.batch)
+            ).all()
+        if not rows:
+            return 0
+        for _id, topic, key, value in rows:
+            self._publisher.publish(topic, key=key, value=value)
+        self._publisher.flush(timeout_s=self.flush_timeout_s)
+        with self._lock:
+            with self._engine.begin() as conn:
+                conn.execute(delete(outbox_table).where(outbox_table.c.id <= rows[-1][0]))
+            self._depth -= len(rows)
+            self.m_depth.set(self._depth)
+        self.m_published.inc(len(rows))
+        return len(rows)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                if self.drain_once():
+                    backoff = 0.1
+                    continue
+            except (PublishError, Exception) as exc:
+                self.m_failures.inc()
+                log.warning(
+                    "bus unavailable, outbox keeps events",
+                    extra={"depth": self._depth, "error": str(exc), "retry_s": backoff},
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            self._wake.wait(self.idle_wait_s if self._depth else 1.0)
+            self._wake.clear()
+
+    def close(self, *, flush_timeout_s: float = 5.0) -> None:
+        """Stop draining after trying to deliver the backlog for ``flush_timeout_s``; whatever
+        is left stays on disk for the next start."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        deadline = time.monotonic() + flush_timeout_s
+        while self._depth and time.monotonic() < deadline:
+            try:
+                if not self.drain_once():
+                    break
+            except Exception as exc:
+                log.warning(
+                    "outbox not flushed at shutdown; kept on disk",
+                    extra={"depth": self._depth, "error": str(exc)},
+                )
+                break
+        try:
+            self._publisher.close()
+        except Exception as exc:
+            log.warning("publisher close failed", extra={"error": str(exc)})
+        self._engine.dispose()

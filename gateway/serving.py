@@ -1,0 +1,372 @@
+"""The gateway's logic: resolve model and conversation, call the backend, log the turns.
+
+Routes (``app.py``) stay thin; everything here raises :class:`GatewayError` or backend errors,
+which the app maps to OpenAI's error JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.backends.base import (
+    BackendError,
+    ChatBackend,
+    ChatMessage,
+    Completion,
+    GenerationRequest,
+    StreamEnd,
+    TextDelta,
+)
+from gateway.errors import GatewayError, from_backend
+from gateway.identity import ConversationLinker
+from gateway.metrics import GatewayMetrics
+from gateway.outbox import Outbox, OutboxFullError
+from gateway.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorResponse,
+    FeedbackRequest,
+    ResponseMessage,
+    Usage,
+)
+from services.events.schemas import FeedbackSubmitted, Rating, Role, TurnLogged
+from services.store.keys import KeyInfo
+
+log = logging.getLogger(__name__)
+
+ROLE_MAP = {"developer": "system"}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a request's ``model`` resolved to."""
+
+    name: str  # as the client asked, echoed back
+    adapter: str | None  # None = base model
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request/answer in a resolved conversation."""
+
+    key: KeyInfo
+    conversation: str
+    messages: list[ChatMessage]
+    target: Target
+    model: str
+
+
+def turn_event_id(conversation_id: str, turn: int, role: str, content: str) -> str:
+    """Deterministic for history turns, so re-logging a resent history is deduplicated."""
+    digest = hashlib.sha256(f"{conversation_id}\x00{turn}\x00{role}\x00{content}".encode())
+    return "gw-" + digest.hexdigest()[:29]
+
+
+class ChatService:
+    def __init__(
+        self,
+        *,
+        backend: ChatBackend,
+        outbox: Outbox,
+        metrics: GatewayMetrics,
+        linker: ConversationLinker,
+        alias: str,
+        production_adapter: Callable[[], str | None],
+    ) -> None:
+        self.backend = backend
+        self.outbox = outbox
+        self.metrics = metrics
+        self.linker = linker
+        self.alias = alias
+        self._production_adapter = production_adapter
+
+    # -- models ---------------------------------------------------------------------------------
+    def resolve_alias(self) -> str | None:
+        """The adapter the alias serves now (None = the base model)."""
+        return self._production_adapter()
+
+    async def resolve_model(self, name: str) -> Target:
+        if name == self.alias:
+            return Target(name, self.resolve_alias())
+        if name == self.backend.base_model:
+            return Target(name, None)
+        if name in await self.backend.adapters():
+            return Target(name, name)
+        raise GatewayError(
+            404, f"The model '{name}' does not exist", code="model_not_found", param="model"
+        )
+
+    # -- chat -----------------------------------------------------------------------------------
+    def _messages(self, request: ChatCompletionRequest) -> list[ChatMessage]:
+        try:
+            msgs = [
+                ChatMessage(ROLE_MAP.get(m.role, m.role), m.text())  # type: ignore[arg-type]
+                for m in request.messages
+            ]
+        except ValueError as exc:
+            raise GatewayError(400, str(exc), param="messages") from None
+        if msgs[-1].role != "user":
+            raise GatewayError(400, "the last message must come from the user", param="messages")
+        return msgs
+
+    def _generation(
+        self, request: ChatCompletionRequest, msgs: list[ChatMessage], target: Target
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            messages=msgs,
+            adapter=target.adapter,
+            max_tokens=request.token_limit(),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=request.stop_list(),
+            seed=request.seed,
+        )
+
+    async def _exchange(
+        self, request: ChatCompletionRequest, key: KeyInfo, conversation_header: str | None
+    ) -> Exchange:
+        """Validate and resolve everything before generating, so errors are plain HTTP errors."""
+        target = await self.resolve_model(request.model)
+        msgs = self._messages(request)
+        self._check_capacity()
+        explicit = self._explicit(request, conversation_header)
+        conversation = self.linker.resolve(key.tenant_id, msgs, explicit).conversation_id
+        return Exchange(key, conversation, msgs, target, request.model)
+
+    async def complete(
+        self, request: ChatCompletionRequest, key: KeyInfo, conversation_header: str | None
+    ) -> tuple[ChatCompletion, str]:
+        x = await self._exchange(request, key, conversation_header)
+        started = time.perf_counter()
+        started_at = datetime.now(UTC)
+        try:
+            result: Completion = await self.backend.complete(
+                self._generation(request, x.messages, x.target)
+            )
+        except BackendError as exc:
+            raise from_backend(exc) from exc
+        self._log(
+            x,
+            result.text,
+            started_at=started_at,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            ttft_ms=None,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            partial=False,
+        )
+        self._count_tokens(result.prompt_tokens, result.completion_tokens)
+        response = ChatCompletion(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            model=request.model,
+            choices=[
+                Choice(
+                    message=ResponseMessage(content=result.text), finish_reason=result.finish_reason
+                )
+            ],
+            usage=_usage(result.prompt_tokens, result.completion_tokens),
+        )
+        return response, x.conversation
+
+    async def prepare_stream(
+        self, request: ChatCompletionRequest, key: KeyInfo, conversation_header: str | None
+    ) -> tuple[AsyncIterator[str], str]:
+        """The SSE body generator and the conversation id (errors raised before streaming)."""
+        x = await self._exchange(request, key, conversation_header)
+        return self._stream(request, x), x.conversation
+
+    async def _stream(self, request: ChatCompletionRequest, x: Exchange) -> AsyncIterator[str]:
+        chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+        started = time.perf_counter()
+        started_at = datetime.now(UTC)
+        ttft: float | None = None
+        pieces: list[str] = []
+        end: StreamEnd | None = None
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+        def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None) -> str:
+            choices = [] if usage else [ChunkChoice(delta=delta, finish_reason=finish)]
+            body = ChatCompletionChunk(id=chunk_id, model=x.model, choices=choices, usage=usage)
+            return f"data: {body.model_dump_json()}\n\n"
+
+        stream = self.backend.stream(self._generation(request, x.messages, x.target))
+        try:
+            yield chunk(Delta(role="assistant", content=""))
+            async for item in stream:
+                if isinstance(item, TextDelta):
+                    if ttft is None:
+                        ttft = (time.perf_counter() - started) * 1000
+                        self.metrics.ttft.labels(x.model).observe(ttft / 1000)
+                    pieces.append(item.text)
+                    yield chunk(Delta(content=item.text))
+                else:
+                    end = item
+            if end is None:
+                raise BackendError("the backend's stream ended without a finish")
+            yield chunk(Delta(), end.finish_reason)
+            if include_usage:
+                yield chunk(Delta(), usage=_usage(end.prompt_tokens, end.completion_tokens))
+            yield "data: [DONE]\n\n"
+        except BackendError as exc:
+            err = from_backend(exc)
+            body = ErrorResponse.of(err.message, err.type, err.code)
+            yield f"data: {json.dumps(body)}\n\n"
+        finally:
+            # Runs on completion, on backend failure and when the client goes away (the server
+            # closes this generator): whatever was generated is logged, marked partial if cut.
+            await _aclose(stream)
+            if pieces or end is not None:
+                self._log_quietly(
+                    x,
+                    "".join(pieces),
+                    started_at=started_at,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                    ttft_ms=ttft,
+                    prompt_tokens=end.prompt_tokens if end else None,
+                    completion_tokens=end.completion_tokens if end else len(pieces),
+                    partial=end is None,
+                )
+            if end is not None:
+                self._count_tokens(end.prompt_tokens, end.completion_tokens)
+
+    def _log_quietly(self, x: Exchange, answer: str, **kw: Any) -> None:
+        """Log a streamed answer; the response is already sent, so a full backlog can only be
+        counted (``wildloop_gateway_unlogged_answers_total``) and reported in the logs."""
+        try:
+            self._log(x, answer, **kw)
+        except GatewayError as exc:
+            log.error(
+                "streamed answer not logged",
+                extra={"conversation": x.conversation, "error": exc.message},
+            )
+
+    def _count_tokens(self, prompt: int, completion: int) -> None:
+        self.metrics.tokens.labels("prompt").inc(prompt)
+        self.metrics.tokens.labels("completion").inc(completion)
+
+    # -- logging --------------------------------------------------------------------------------
+    def _check_capacity(self) -> None:
+        if self.outbox.depth >= self.outbox.max_events:
+            raise GatewayError(
+                503,
+                "the event backlog is full; try again later",
+                type_="server_error",
+                code="backlog_full",
+            )
+
+    @staticmethod
+    def _explicit(request: ChatCompletionRequest, header: str | None) -> str | None:
+        value = header or (request.metadata or {}).get("conversation_id")
+        if value is not None and not 0 < len(value) <= 200:
+            raise GatewayError(
+                400, "conversation id must be 1-200 characters", param="X-Conversation-Id"
+            )
+        return value
+
+    def _log(
+        self,
+        x: Exchange,
+        answer: str,
+        *,
+        started_at: datetime,
+        latency_ms: float,
+        ttft_ms: float | None,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        partial: bool,
+    ) -> None:
+        key, conversation, msgs, target, model = (
+            x.key,
+            x.conversation,
+            x.messages,
+            x.target,
+            x.model,
+        )
+        first = self.linker.logged_turns(conversation)
+        now = datetime.now(UTC)
+        request_id = uuid.uuid4().hex
+        events: list[TurnLogged] = [
+            TurnLogged(
+                event_id=turn_event_id(conversation, i, m.role, m.content),
+                conversation_id=conversation,
+                turn=i,
+                role=Role(m.role),
+                content=m.content,
+                model=model,
+                adapter_id=target.adapter,
+                request_id=request_id,
+                tenant_id=key.tenant_id,
+                user_id=key.id,
+                occurred_at=started_at,
+            )
+            for i, m in enumerate(msgs)
+            if i >= first
+        ]
+        events.append(
+            TurnLogged(
+                conversation_id=conversation,
+                turn=len(msgs),
+                role=Role.ASSISTANT,
+                content=answer,
+                model=model,
+                adapter_id=target.adapter,
+                request_id=request_id,
+                tenant_id=key.tenant_id,
+                user_id=key.id,
+                started_at=started_at,
+                completed_at=now,
+                occurred_at=now,
+                latency_ms=latency_ms,
+                time_to_first_token_ms=ttft_ms,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                partial=partial,
+            )
+        )
+        try:
+            self.outbox.append(events)
+        except OutboxFullError as exc:
+            # The answer was produced but cannot be kept: count it loudly; never half-log.
+            self.metrics.unlogged.inc()
+            raise GatewayError(503, str(exc), type_="server_error", code="backlog_full") from exc
+        self.linker.remember(key.tenant_id, msgs, answer, conversation)
+
+    # -- feedback -------------------------------------------------------------------------------
+    def feedback(self, body: FeedbackRequest, key: KeyInfo) -> FeedbackSubmitted:
+        event = FeedbackSubmitted(
+            conversation_id=body.conversation_id,
+            turn=body.turn,
+            rating=Rating(body.rating),
+            comment=body.comment,
+            tenant_id=key.tenant_id,
+            user_id=key.id,
+        )
+        try:
+            self.outbox.append([event])
+        except OutboxFullError as exc:
+            raise GatewayError(503, str(exc), type_="server_error", code="backlog_full") from exc
+        return event
+
+
+def _usage(prompt: int, completion: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+async def _aclose(stream: AsyncIterator[object]) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
