@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -152,6 +153,7 @@ def create_app(
         outbox.start()
         chat_backend = backend or default_backend(settings)
         await chat_backend.start()
+        app.state.metrics = metrics
         app.state.store = store
         app.state.outbox = outbox
         app.state.backend = chat_backend
@@ -178,7 +180,6 @@ def create_app(
 
     app = FastAPI(title="wildloop gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(LimitsAndMetrics, max_body=cfg.max_body_bytes, metrics=gw_metrics)
-    app.mount("/metrics", metrics.asgi_app())
     _install_error_handlers(app)
     _install_routes(app)
     return app
@@ -267,6 +268,10 @@ def _install_routes(app: FastAPI) -> None:
     ) -> dict[str, str]:
         await _adapter_op(svc, key, body.lora_name, None)
         return {"status": "unloaded", "lora_name": body.lora_name}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
