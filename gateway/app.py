@@ -58,9 +58,8 @@ def default_backend(settings: WildloopSettings) -> ChatBackend:
             api_key=settings.vllm_api_key,
             timeout_s=settings.gateway.request_timeout_s,
         )
-    from services.models import ensure_base_model  # noqa: PLC0415
-
     from gateway.backends.local import LocalBackend  # noqa: PLC0415 - needs torch
+    from services.models import ensure_base_model  # noqa: PLC0415
 
     return LocalBackend(
         ensure_base_model(settings),
@@ -231,8 +230,13 @@ def _install_routes(app: FastAPI) -> None:
                 media_type="text/event-stream",
                 headers={"X-Conversation-Id": conversation, "Cache-Control": "no-cache"},
             )
-        completion, conversation = await svc.complete(body, key, x_conversation_id)
-        return JSONResponse(completion.model_dump(), headers={"X-Conversation-Id": conversation})
+        completion, conversation, upstream_ms = await svc.complete(body, key, x_conversation_id)
+        # Like OpenAI's openai-processing-ms: time in the model, so a client can tell the
+        # gateway's own share of the latency (bench/gateway.py uses it).
+        return JSONResponse(
+            completion.model_dump(),
+            headers={"X-Conversation-Id": conversation, "X-Upstream-Ms": f"{upstream_ms:.3f}"},
+        )
 
     @app.get("/v1/models")
     async def models(_key: Key, svc: Service) -> ModelList:

@@ -147,7 +147,8 @@ class ChatService:
 
     async def complete(
         self, request: ChatCompletionRequest, key: KeyInfo, conversation_header: str | None
-    ) -> tuple[ChatCompletion, str]:
+    ) -> tuple[ChatCompletion, str, float]:
+        """The completion, its conversation id, and the milliseconds spent in the backend."""
         x = await self._exchange(request, key, conversation_header)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
@@ -157,11 +158,12 @@ class ChatService:
             )
         except BackendError as exc:
             raise from_backend(exc) from exc
+        upstream_ms = (time.perf_counter() - started) * 1000
         self._log(
             x,
             result.text,
             started_at=started_at,
-            latency_ms=(time.perf_counter() - started) * 1000,
+            latency_ms=upstream_ms,
             ttft_ms=None,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
@@ -178,7 +180,7 @@ class ChatService:
             ],
             usage=_usage(result.prompt_tokens, result.completion_tokens),
         )
-        return response, x.conversation
+        return response, x.conversation, upstream_ms
 
     async def prepare_stream(
         self, request: ChatCompletionRequest, key: KeyInfo, conversation_header: str | None
