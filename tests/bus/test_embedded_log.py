@@ -27,12 +27,16 @@ def _produce(path: str, name: str, n: int) -> None:
 
 
 def _consume(path: str, group: str, out: str, stop_after: float) -> None:
+    """Consume until ``out + '.stop'`` exists or ``stop_after`` s passed; touches
+    ``out + '.ready'`` once it holds partitions."""
     log = embedded_log(Path(path))
     sub = log.subscribe(["t"], group=group)
     deadline = time.monotonic() + stop_after
     with open(out, "a") as f:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not Path(out + ".stop").exists():
             batch = sub.poll(timeout_s=0.2)
+            if sub.assignment():
+                Path(out + ".ready").touch()
             for r in batch:
                 f.write((r.value or b"").decode() + "\n")
             f.flush()
@@ -69,14 +73,25 @@ def test_consumer_processes_in_one_group_split_the_work(tmp_path: Path) -> None:
     log = embedded_log(Path(path))
     log.ensure_topics(["t"])
     outs = [str(tmp_path / f"out{k}.txt") for k in range(2)]
-    procs = [CTX.Process(target=_consume, args=(path, "g", o, 8.0)) for o in outs]
+    procs = [CTX.Process(target=_consume, args=(path, "g", o, 120.0)) for o in outs]
     for p in procs:
         p.start()
-    time.sleep(3)  # both have joined
+    deadline = time.monotonic() + 60  # process start-up is slow on a loaded machine
+    while time.monotonic() < deadline and not all(Path(o + ".ready").exists() for o in outs):
+        time.sleep(0.1)
     pub = log.publisher()
     for i in range(1000):
         pub.publish("t", key=f"k{i % 50}", value=f"v:{i}".encode())
     pub.close()
+
+    def received() -> int:
+        return sum(len(Path(o).read_text().split()) for o in outs if Path(o).exists())
+
+    deadline = time.monotonic() + 60
+    while received() < 1000 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for o in outs:
+        Path(o + ".stop").touch()
     for p in procs:
         p.join(30)
     got = [Path(o).read_text().split() for o in outs]
@@ -92,7 +107,10 @@ def test_a_killed_member_s_partitions_move_to_a_survivor_after_its_session_times
     log.ensure_topics(["t"])
     victim = CTX.Process(target=_consume, args=(str(path), "g", str(tmp_path / "v.txt"), 60))
     victim.start()
-    time.sleep(2.5)  # the victim owns every partition
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "v.txt.ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the victim owns every partition
     survivor = log.subscribe(["t"], group="g")
     survivor.poll(timeout_s=0.3)
     assert len(survivor.assignment()) < 4  # the victim still holds its share
