@@ -24,7 +24,6 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from gateway.backends.base import ChatMessage
 
@@ -32,12 +31,6 @@ from gateway.backends.base import ChatMessage
 def history_hash(tenant_id: str, messages: Sequence[ChatMessage]) -> str:
     doc = json.dumps([tenant_id, [[m.role, m.content] for m in messages]], ensure_ascii=False)
     return hashlib.sha256(doc.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    conversation_id: str
-    first_unlogged: int  # turns before this index were logged by this gateway already
 
 
 class ConversationLinker:
@@ -49,18 +42,17 @@ class ConversationLinker:
         self._logged: OrderedDict[str, int] = OrderedDict()  # conversation -> turns logged
         self._lock = threading.Lock()
 
-    def resolve(
-        self, tenant_id: str, messages: Sequence[ChatMessage], explicit: str | None
-    ) -> Resolved:
+    def resolve(self, tenant_id: str, messages: Sequence[ChatMessage], explicit: str | None) -> str:
+        """The conversation id this request continues (a new or branch id if none)."""
         answer_turn = len(messages)
         with self._lock:
             conversation = explicit or self._by_history.get(history_hash(tenant_id, messages[:-1]))
             if conversation is None:
-                return Resolved("c-" + uuid.uuid4().hex, 0)
+                return "c-" + uuid.uuid4().hex
             logged = self._logged.get(conversation, 0)
             if logged > answer_turn:  # this turn was answered before: regeneration -> branch
-                return Resolved(f"{conversation}~{uuid.uuid4().hex[:8]}", 0)
-            return Resolved(conversation, min(logged, answer_turn - 1))
+                return f"{conversation}~{uuid.uuid4().hex[:8]}"
+            return conversation
 
     def logged_turns(self, conversation_id: str) -> int:
         """How many leading turns of the conversation this process has logged."""

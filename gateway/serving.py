@@ -142,7 +142,7 @@ class ChatService:
         msgs = self._messages(request)
         self._check_capacity()
         explicit = self._explicit(request, conversation_header)
-        conversation = self.linker.resolve(key.tenant_id, msgs, explicit).conversation_id
+        conversation = self.linker.resolve(key.tenant_id, msgs, explicit)
         return Exchange(key, conversation, msgs, target, request.model)
 
     async def complete(
