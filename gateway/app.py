@@ -224,13 +224,15 @@ def _install_routes(app: FastAPI) -> None:
         target = await svc.resolve_model(body.model)
         request.state.adapter = target.adapter or ""
         if body.stream:
-            stream, conversation = await svc.prepare_stream(body, key, x_conversation_id)
+            stream, conversation = await svc.prepare_stream(body, key, x_conversation_id, target)
             return StreamingResponse(
                 stream,
                 media_type="text/event-stream",
                 headers={"X-Conversation-Id": conversation, "Cache-Control": "no-cache"},
             )
-        completion, conversation, upstream_ms = await svc.complete(body, key, x_conversation_id)
+        completion, conversation, upstream_ms = await svc.complete(
+            body, key, x_conversation_id, target
+        )
         # Like OpenAI's openai-processing-ms: time in the model, so a client can tell the
         # gateway's own share of the latency (bench/gateway.py uses it).
         return JSONResponse(

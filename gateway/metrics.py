@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.metrics import Metrics
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
 class GatewayMetrics:
@@ -27,6 +28,13 @@ class GatewayMetrics:
             "Streaming: time to the first generated text.",
             ["model"],
             buckets=TTFT_BUCKETS,
+        )
+        self.overhead = metrics.histogram(
+            "overhead",
+            "seconds",
+            "Time a chat request spent in the gateway's own code, not waiting on the backend.",
+            ["stream"],
+            buckets=OVERHEAD_BUCKETS,
         )
         self.tokens = metrics.counter("tokens", "Tokens processed.", ["kind"])
         self.unlogged = metrics.counter(

@@ -135,10 +135,15 @@ class ChatService:
         )
 
     async def _exchange(
-        self, request: ChatCompletionRequest, key: KeyInfo, conversation_header: str | None
+        self,
+        request: ChatCompletionRequest,
+        key: KeyInfo,
+        conversation_header: str | None,
+        target: Target | None,
     ) -> Exchange:
         """Validate and resolve everything before generating, so errors are plain HTTP errors."""
-        target = await self.resolve_model(request.model)
+        if target is None:
+            target = await self.resolve_model(request.model)
         msgs = self._messages(request)
         self._check_capacity()
         explicit = self._explicit(request, conversation_header)
@@ -146,10 +151,16 @@ class ChatService:
         return Exchange(key, conversation, msgs, target, request.model)
 
     async def complete(
-        self, request: ChatCompletionRequest, key: KeyInfo, conversation_header: str | None
+        self,
+        request: ChatCompletionRequest,
+        key: KeyInfo,
+        conversation_header: str | None,
+        target: Target | None = None,
     ) -> tuple[ChatCompletion, str, float]:
-        """The completion, its conversation id, and the milliseconds spent in the backend."""
-        x = await self._exchange(request, key, conversation_header)
+        """The completion, its conversation id, and the milliseconds spent in the backend.
+        ``target`` is ``request.model`` already resolved, if the caller did."""
+        entered = time.perf_counter()
+        x = await self._exchange(request, key, conversation_header, target)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         try:
@@ -180,13 +191,19 @@ class ChatService:
             ],
             usage=_usage(result.prompt_tokens, result.completion_tokens),
         )
+        own_s = time.perf_counter() - entered - upstream_ms / 1000
+        self.metrics.overhead.labels("false").observe(own_s)
         return response, x.conversation, upstream_ms
 
     async def prepare_stream(
-        self, request: ChatCompletionRequest, key: KeyInfo, conversation_header: str | None
+        self,
+        request: ChatCompletionRequest,
+        key: KeyInfo,
+        conversation_header: str | None,
+        target: Target | None = None,
     ) -> tuple[AsyncIterator[str], str]:
         """The SSE body generator and the conversation id (errors raised before streaming)."""
-        x = await self._exchange(request, key, conversation_header)
+        x = await self._exchange(request, key, conversation_header, target)
         return self._stream(request, x), x.conversation
 
     async def _stream(self, request: ChatCompletionRequest, x: Exchange) -> AsyncIterator[str]:
@@ -194,6 +211,7 @@ class ChatService:
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         ttft: float | None = None
+        waited = 0.0  # seconds spent waiting on the backend
         pieces: list[str] = []
         end: StreamEnd | None = None
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -206,7 +224,14 @@ class ChatService:
         stream = self.backend.stream(self._generation(request, x.messages, x.target))
         try:
             yield chunk(Delta(role="assistant", content=""))
-            async for item in stream:
+            while True:
+                asked = time.perf_counter()
+                try:
+                    item = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    waited += time.perf_counter() - asked
                 if isinstance(item, TextDelta):
                     if ttft is None:
                         ttft = (time.perf_counter() - started) * 1000
@@ -220,7 +245,11 @@ class ChatService:
             yield chunk(Delta(), end.finish_reason)
             if include_usage:
                 yield chunk(Delta(), usage=_usage(end.prompt_tokens, end.completion_tokens))
+            # An SSE comment (clients skip it): the time spent waiting on the backend, so a
+            # client can tell the gateway's own share, like X-Upstream-Ms on plain responses.
+            yield f": upstream-ms={waited * 1000:.3f}\n\n"
             yield "data: [DONE]\n\n"
+            self.metrics.overhead.labels("true").observe(time.perf_counter() - started - waited)
         except BackendError as exc:
             err = from_backend(exc)
             body = ErrorResponse.of(err.message, err.type, err.code)

@@ -79,6 +79,7 @@ from gateway.backends.base import (
     TextDelta,
     UnknownAdapterError,
 )
+from services.adapters import InvalidAdapterError, inspect_adapter
 
 log = logging.getLogger(__name__)
 
@@ -574,8 +575,10 @@ class LocalBackend:
         if not name:
             raise AdapterLoadError("an adapter needs a name")
         folder = Path(path)
-        if not (folder / "adapter_config.json").is_file():
-            raise AdapterLoadError(f"{path} is not a PEFT adapter folder (no adapter_config.json)")
+        try:
+            inspect_adapter(folder)  # cheap checks first: bad folders never touch the model
+        except InvalidAdapterError as exc:
+            raise AdapterLoadError(f"cannot load adapter {name!r} from {path}: {exc}") from None
         await self._exclusively(self._attach, name, folder)
 
     async def unload_adapter(self, name: str) -> None:

@@ -12,7 +12,9 @@ Only the ``openai`` and ``httpx`` packages are needed: no torch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,6 +34,7 @@ from gateway.backends.base import (
     TextDelta,
     UnknownAdapterError,
 )
+from services.adapters import InvalidAdapterError, inspect_adapter
 
 _CONNECT_TIMEOUT_S = 10.0
 _RUNTIME_LORA_HINT = (
@@ -57,6 +60,7 @@ class VllmBackend:
         base_model: str,
         api_key: str | None = None,
         timeout_s: float = 120,
+        adapters_ttl_s: float = 2.0,
     ) -> None:
         root = base_url.rstrip("/").removesuffix("/v1")
         self.base_model = base_model
@@ -71,6 +75,8 @@ class VllmBackend:
         )
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=root, headers=headers, timeout=timeout)
+        self._adapters_ttl_s = adapters_ttl_s
+        self._adapters_cache: tuple[float, dict[str, str]] | None = None
 
     async def start(self) -> None:
         """Nothing to load: the server owns the model; connections open on first use."""
@@ -151,13 +157,23 @@ class VllmBackend:
     # --- adapters -----------------------------------------------------------------------------
 
     async def adapters(self) -> dict[str, str]:
-        """Adapters the server has loaded: name -> the folder it was loaded from."""
+        """Adapters the server has loaded: name -> the folder it was loaded from.
+
+        The gateway asks on every request for a named model, so the list is kept for
+        ``adapters_ttl_s`` (and refreshed at once after a load or unload through this backend):
+        an adapter loaded on the server by someone else is seen within that time.
+        """
+        now = time.monotonic()
+        if self._adapters_cache is not None and self._adapters_cache[0] > now:
+            return dict(self._adapters_cache[1])
         models = await self._models()
-        return {
+        found = {
             name: card.get("root") or ""
             for name, card in models.items()
             if card.get("parent") is not None and name != self.base_model
         }
+        self._adapters_cache = (now + self._adapters_ttl_s, found)
+        return dict(found)
 
     async def load_adapter(self, name: str, path: str) -> None:
         """Load adapter ``name`` from a PEFT folder readable by the server, replacing an
@@ -165,11 +181,22 @@ class VllmBackend:
 
         Load a changed adapter from a new folder: vLLM keeps prefix-cache blocks computed with
         the previous weights when the same path is loaded again.
+
+        When the folder is visible here too (a shared volume, one machine), it is checked first
+        (``services.adapters.inspect_adapter``): vLLM itself accepts, for example, weights whose
+        rank disagrees with their config and then serves garbage. A path only the server can
+        see is passed on unchecked.
         """
+        if Path(path).exists():
+            try:
+                inspect_adapter(path)
+            except InvalidAdapterError as exc:
+                raise AdapterLoadError(f"cannot load adapter {name!r} from {path}: {exc}") from None
         response = await self._admin_post(
             "/v1/load_lora_adapter",
             {"lora_name": name, "lora_path": path, "load_inplace": True},
         )
+        self._adapters_cache = None
         if response.status_code != 200:
             message = _error_message(response)
             if _is_route_missing(response):
@@ -178,6 +205,7 @@ class VllmBackend:
 
     async def unload_adapter(self, name: str) -> None:
         response = await self._admin_post("/v1/unload_lora_adapter", {"lora_name": name})
+        self._adapters_cache = None
         if response.status_code == 200:
             return
         if _is_route_missing(response):

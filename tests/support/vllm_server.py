@@ -59,7 +59,7 @@ class VllmServer:
     - ``dtype="float32"``: in bfloat16 a greedy request batched with others can decode a
       different text than the same request alone; in float32 they agree, which the tests
       comparing concurrent with sequential answers need.
-    - ``max_loras=8``: vLLM's CPU LoRA ops index the stacked adapter weights with the
+    - ``max_loras=16``: vLLM's CPU LoRA ops index the stacked adapter weights with the
       "no adapter" marker -1, so base-model tokens batched with adapter requests get the
       adapter in the *last* GPU slot once every slot has been used (vllm-project/vllm#48421;
       the GPU kernels skip -1). Slots are only freed by LRU eviction (unloading an adapter
@@ -76,8 +76,8 @@ class VllmServer:
         python: str | None = None,
         max_model_len: int = 2048,
         max_lora_rank: int = 16,
-        max_loras: int = 8,
-        max_cpu_loras: int = 8,
+        max_loras: int = 16,
+        max_cpu_loras: int = 16,
         kv_cache_gib: int = 1,
         dtype: str = "float32",
         extra_args: Sequence[str] = (),
