@@ -206,7 +206,7 @@ async def through_gateway(
 
 
 def start_gateway(
-    settings: WildloopSettings, port: int, vllm_url: str | None
+    settings: WildloopSettings, port: int, vllm_url: str | None, cpus: set[int] | None = None
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -220,7 +220,10 @@ def start_gateway(
     if vllm_url:
         env["WILDLOOP_VLLM_URL"] = vllm_url
     wildloop = Path(sys.executable).with_name("wildloop")
-    proc = subprocess.Popen([str(wildloop), "serve", "gateway"], env=env, stderr=subprocess.DEVNULL)
+    command = [str(wildloop), "serve", "gateway"]
+    if cpus is not None:
+        command = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *command]
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -290,6 +293,12 @@ def main() -> None:
     p.add_argument("--levels", default="1,8,32", help="concurrent streams, comma-separated")
     p.add_argument("--per-client", type=int, default=4, help="requests per stream per level")
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="on a small CPU-only machine: the model server and this client on CPU 0, the "
+        "gateway alone on CPU 1, so the gateway is not measured fighting vLLM for a core",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--vllm-url", help="benchmark a running vLLM server (its /v1 URL)")
     where.add_argument(
@@ -299,6 +308,13 @@ def main() -> None:
     )
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    gateway_cpus: set[int] | None = None
+    if args.pin:
+        if (os.cpu_count() or 1) < 2:
+            p.error("--pin needs at least 2 CPUs")
+        os.sched_setaffinity(0, {0})  # inherited by the vLLM server started below
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"
+        gateway_cpus = {1}
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -330,7 +346,7 @@ def main() -> None:
         store.close()
         port = 18000 + os.getpid() % 1000
         console.log("through the gateway")
-        proc = start_gateway(settings, port, vllm_url)
+        proc = start_gateway(settings, port, vllm_url, gateway_cpus)
         try:
             through = asyncio.run(
                 through_gateway(
@@ -341,6 +357,8 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     report(levels, straight, through, "vllm" if vllm_url else "local", args.max_tokens)
+    if args.pin:
+        console.print("pinned: model server and client on CPU 0, gateway on CPU 1")
 
 
 if __name__ == "__main__":
