@@ -6,6 +6,7 @@ the lifespan; nothing happens at import time. Tests may pass their own backend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -45,6 +46,9 @@ from services.store.keys import KeyInfo
 from services.store.repository import Store
 
 log = logging.getLogger(__name__)
+
+# How often a non-streamed request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
 
 
 def default_backend(settings: WildloopSettings) -> ChatBackend:
@@ -230,9 +234,16 @@ def _install_routes(app: FastAPI) -> None:
                 media_type="text/event-stream",
                 headers={"X-Conversation-Id": conversation, "Cache-Control": "no-cache"},
             )
-        completion, conversation, upstream_ms = await svc.complete(
-            body, key, x_conversation_id, target
-        )
+        answered = asyncio.ensure_future(svc.complete(body, key, x_conversation_id, target))
+        while not answered.done():
+            await asyncio.wait({answered}, timeout=DISCONNECT_POLL_S)
+            if not answered.done() and await request.is_disconnected():
+                # Nobody will read the answer: stop generating, log nothing (the user never
+                # saw it, so it is not part of the conversation).
+                answered.cancel()
+                svc.metrics.disconnects.labels("false").inc()
+                return Response(status_code=499)
+        completion, conversation, upstream_ms = answered.result()
         # Like OpenAI's openai-processing-ms: time in the model, so a client can tell the
         # gateway's own share of the latency (bench/gateway.py uses it).
         return JSONResponse(

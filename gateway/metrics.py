@@ -36,6 +36,11 @@ class GatewayMetrics:
             ["stream"],
             buckets=OVERHEAD_BUCKETS,
         )
+        self.disconnects = metrics.counter(
+            "client_disconnects",
+            "Requests whose client went away before the answer was complete, by stream.",
+            ["stream"],
+        )
         self.tokens = metrics.counter("tokens", "Tokens processed.", ["kind"])
         self.unlogged = metrics.counter(
             "unlogged_answers", "Answers refused because the event backlog was full."

@@ -6,6 +6,7 @@ which the app maps to OpenAI's error JSON.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -254,6 +255,9 @@ class ChatService:
             err = from_backend(exc)
             body = ErrorResponse.of(err.message, err.type, err.code)
             yield f"data: {json.dumps(body)}\n\n"
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away
+            self.metrics.disconnects.labels("true").inc()
+            raise
         finally:
             # Runs on completion, on backend failure and when the client goes away (the server
             # closes this generator): whatever was generated is logged, marked partial if cut.

@@ -423,6 +423,30 @@ def test_a_client_that_disconnects_mid_stream_leaves_a_partial_answer_marked_as_
     assert answer and answer[0].partial and answer[0].content
 
 
+def test_a_client_that_leaves_before_a_plain_answer_stops_generation_and_logs_nothing(
+    gateway: Gateway,
+) -> None:
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Count from 1 to 1000, one per line."}],
+    }
+    headers = {"Authorization": f"Bearer {gateway.chat_key}", "X-Conversation-Id": "gone-1"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, headers=headers, timeout=2)
+
+    deadline = time.monotonic() + 10
+    counted = 'wildloop_gateway_client_disconnects_total{stream="false"} 1.0'
+    while counted not in httpx.get(f"{gateway.url}/metrics").text:
+        assert time.monotonic() < deadline, "the gateway did not notice the client leaving"
+        time.sleep(0.2)
+    started = time.monotonic()
+    ask(gateway.client(), "ping")  # the model is free again: 1,500 tokens would take minutes
+    assert time.monotonic() - started < 30
+    assert gateway.turns("gone-1") == []
+
+
 # --- operations ----------------------------------------------------------------------------------
 
 
