@@ -125,6 +125,55 @@ class GatewaySettings(BaseModel):
     local_max_model_len: int = Field(default=2048, ge=128)
 
 
+class DetectorSettings(BaseModel):
+    """The SAT/DSAT detector (``wildloop serve detector`` and ``wildloop detect``)."""
+
+    tiers: list[Literal["rules", "classifier", "llm"]] = Field(
+        default_factory=lambda: ["rules", "classifier"],
+        min_length=1,
+        description="Tiers in cascade order; each later tier sees only the turns the earlier "
+        "ones were unsure of. Comma-separated in the environment: WILDLOOP_DETECTOR__TIERS="
+        '\'["rules","classifier","llm"]\'.',
+    )
+    rules_threshold: float = Field(
+        default=0.85, ge=0.0, le=1.0, description="Rules verdicts at least this confident stand."
+    )
+    classifier_threshold: float = Field(
+        default=0.6,
+        ge=0.0,
+        le=1.0,
+        description="Classifier verdicts at least this confident stand.",
+    )
+    history_messages: int = Field(
+        default=4, ge=0, description="Messages before the judged answer given to each tier."
+    )
+    llm_url: str | None = Field(
+        default=None, description="OpenAI-compatible base URL (…/v1) of the LLM tier's judge."
+    )
+    llm_model: str | None = Field(default=None, description="The judge model's name.")
+    llm_api_key: str | None = None
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+    llm_max_retries: int = Field(default=2, ge=0)
+    llm_concurrency: int = Field(default=4, ge=1)
+    llm_structured_output: bool = Field(
+        default=True, description="Ask for JSON-schema output (vLLM guided decoding)."
+    )
+    consumer_group: str = "wildloop-detector"
+    batch_size: int = Field(default=256, ge=1, description="Turns judged together.")
+    missing_context_wait_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="How long a user turn waits for the assistant answer before it precedes "
+        "it; then it is labelled with missing_context.",
+    )
+    rate_window_s: float = Field(
+        default=900.0, gt=0, description="Sliding window of the SAT/DSAT rate gauges."
+    )
+    context_conversations: int = Field(
+        default=100_000, ge=100, description="Conversations whose recent turns stay in memory."
+    )
+
+
 class WildloopSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WILDLOOP_",
@@ -159,6 +208,7 @@ class WildloopSettings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     embedded_log: EmbeddedLogSettings = Field(default_factory=EmbeddedLogSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    detector: DetectorSettings = Field(default_factory=DetectorSettings)
 
     # --- models ------------------------------------------------------------------------------
     base_model: str = Field(

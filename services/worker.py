@@ -81,7 +81,14 @@ class ConsumerWorker:
         max_attempts: int = 3,
         batch_size: int = 500,
         lag_interval_s: float = 5.0,
+        before_batch: Callable[[list[Event]], None] | None = None,
+        after_batch: Callable[[], None] | None = None,
+        tick: Callable[[], None] | None = None,
     ) -> None:
+        """``before_batch`` sees every decodable event of a polled batch before any is applied
+        (to do batch work, such as judging many turns at once); ``after_batch`` runs after
+        they are applied and before their positions are committed (to flush what the handlers
+        published); ``tick`` runs once per loop, polled records or not (timers)."""
         self.subscription = subscription
         self.group = subscription.group
         self.store = store
@@ -92,6 +99,9 @@ class ConsumerWorker:
         self.batch_size = batch_size
         self.lag_interval_s = lag_interval_s
         self._next_lag = 0.0
+        self.before_batch = before_batch
+        self.after_batch = after_batch
+        self.tick = tick
 
     def close(self) -> None:
         """Leave the group (uncommitted records go to another member) and flush dead letters."""
@@ -115,6 +125,8 @@ class ConsumerWorker:
         idle_since = time.monotonic()
         while not (stop and stop.is_set()):
             records = self.subscription.poll(timeout_s=poll_timeout_s, max_records=self.batch_size)
+            if self.tick is not None:
+                self.tick()
             if records:
                 self.process(records, stats)
                 idle_since = time.monotonic()
@@ -129,8 +141,16 @@ class ConsumerWorker:
     def process(self, records: list[Record], stats: WorkerStats) -> None:
         """Apply one polled batch, then commit its positions."""
         dead: list[EventDeadLettered] = []
+        decoded: list[Event | DecodeError] = []
         for record in records:
-            outcome = self._apply_with_retry(record, dead)
+            try:
+                decoded.append(decode(record.value))
+            except DecodeError as exc:
+                decoded.append(exc)
+        if self.before_batch is not None:
+            self.before_batch([e for e in decoded if not isinstance(e, DecodeError)])
+        for record, event in zip(records, decoded, strict=True):
+            outcome = self._apply_with_retry(record, event, dead)
             self.metrics.events.labels(record.topic, outcome).inc()
             if outcome == "applied":
                 stats.applied += 1
@@ -143,6 +163,8 @@ class ConsumerWorker:
             self.dead_letters.flush()
             stats.dead_lettered += len(dead)
             stats.reasons.extend(e.reason for e in dead)
+        if self.after_batch is not None:
+            self.after_batch()
         try:
             self.subscription.commit()
         except CommitFailedError as exc:
@@ -150,11 +172,11 @@ class ConsumerWorker:
             log.warning("commit refused", extra={"group": self.group, "error": str(exc)})
         stats.batches += 1
 
-    def _apply_with_retry(self, record: Record, dead: list[EventDeadLettered]) -> str:
-        try:
-            event = decode(record.value)
-        except DecodeError as exc:
-            dead.append(self._dead_letter(record, f"undecodable: {exc.reason}", "undecodable"))
+    def _apply_with_retry(
+        self, record: Record, event: Event | DecodeError, dead: list[EventDeadLettered]
+    ) -> str:
+        if isinstance(event, DecodeError):
+            dead.append(self._dead_letter(record, f"undecodable: {event.reason}", "undecodable"))
             return "dead_lettered"
         handler = self._handler_for(event)
         if handler is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from pydantic import ValidationError
 
-from services.cli import bus, conversations, db, demo, doctor, keys, serve
+from services.cli import bus, conversations, db, demo, detect, doctor, keys, serve
 from services.cli.context import CliContext, err
 from services.logs import configure_logging
 from services.settings import WildloopSettings
@@ -26,6 +26,7 @@ app.add_typer(keys.app, name="keys")
 serve.register_plugins()
 app.command("doctor")(doctor.doctor)
 app.command("demo")(demo.demo)
+app.command("detect")(detect.detect)
 
 
 @app.callback()

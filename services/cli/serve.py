@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from services.cli.context import context, err
+from services.cli.context import context, err, fail
 from services.metrics import Metrics
 from services.recorder import build_recorder
 
@@ -74,6 +74,64 @@ def recorder(
         store.close()
     err.print(
         f"recorder stopped: {stats.applied} applied, {stats.duplicates} duplicate(s), "
+        f"{stats.dead_lettered} dead-lettered",
+        highlight=False,
+    )
+
+
+@app.command("detector")
+def detector(
+    ctx: typer.Context,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Port of /metrics (default: WILDLOOP_METRICS_PORT).")
+    ] = None,
+    idle_exit: Annotated[
+        float | None,
+        typer.Option(help="Exit after this many seconds without new events (batch use)."),
+    ] = None,
+) -> None:
+    """Label every user turn of the chat log as SAT/DSAT/MIXED/NEUTRAL, in real time.
+
+    Replicas with the same WILDLOOP_DETECTOR__CONSUMER_GROUP share the partitions."""
+    from services.detector.factory import DetectorConfigError, build_cascade  # noqa: PLC0415
+    from services.detector.metrics import DetectorMetrics  # noqa: PLC0415
+    from services.detector.service import build_detector  # noqa: PLC0415
+
+    cli = context(ctx)
+    settings = cli.settings
+    metrics = Metrics("detector")
+    detector_metrics = DetectorMetrics(metrics, window_s=settings.detector.rate_window_s)
+    try:
+        cascade = build_cascade(settings.detector, metrics=detector_metrics.cascade)
+    except DetectorConfigError as exc:
+        fail(str(exc), code=2)
+    store = cli.open_store()
+    bus = cli.open_bus()
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    server = metrics.serve(settings.metrics_host, port)
+    worker, service = build_detector(
+        settings, bus=bus, store=store, cascade=cascade, metrics=detector_metrics
+    )
+    stop = _stop_on_signals()
+    log.info(
+        "detector started",
+        extra={
+            "bus": settings.bus_backend.value,
+            "detector_version": cascade.version,
+            "tiers": cascade.tier_names,
+            "metrics_port": server.port,
+        },
+    )
+    try:
+        stats = worker.run(stop=stop, idle_timeout_s=idle_exit)
+    finally:
+        worker.close()
+        service.publisher.close()
+        server.close()
+        bus.close()
+        store.close()
+    err.print(
+        f"detector stopped: {stats.applied} applied, {stats.duplicates} duplicate(s), "
         f"{stats.dead_lettered} dead-lettered",
         highlight=False,
     )

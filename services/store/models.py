@@ -225,6 +225,19 @@ class Evaluation(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class DetectorPending(Base):
+    """A user turn the detector holds until the answer it reacts to arrives (or ``due_at``)."""
+
+    __tablename__ = "detector_pending"
+
+    conversation_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    turn_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    detector_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    event: Mapped[dict[str, Any]] = mapped_column(Json)
+    due_at: Mapped[datetime] = mapped_column(index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class ProcessedEvent(Base):
     """Event ids a consumer group has applied, so redelivered events are skipped."""
 

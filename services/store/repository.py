@@ -29,6 +29,7 @@ from services.store.models import (
     AdapterEvent,
     Base,
     Conversation,
+    DetectorPending,
     ExplicitFeedback,
     ProcessedEvent,
     Turn,
@@ -225,6 +226,71 @@ class Store:
             },
         )
         return WriteOutcome.INSERTED if inserted else WriteOutcome.DUPLICATE
+
+    # -- the detector's waiting turns -----------------------------------------------------------
+    def hold_turn(
+        self,
+        session: Session,
+        *,
+        conversation_id: str,
+        turn: int,
+        detector_version: str,
+        event: dict[str, Any],
+        due_at: datetime,
+    ) -> bool:
+        """Keep a user turn until its context arrives; False if it was already held."""
+        return self._insert_ignore(
+            session,
+            DetectorPending,
+            {
+                "conversation_id": conversation_id,
+                "turn_index": turn,
+                "detector_version": detector_version,
+                "event": event,
+                "due_at": due_at,
+            },
+        )
+
+    def release_turn(
+        self, session: Session, *, conversation_id: str, turn: int, detector_version: str
+    ) -> dict[str, Any] | None:
+        """Remove a held turn and return its event, or None if it was not held."""
+        row = session.get(DetectorPending, (conversation_id, turn, detector_version))
+        if row is None:
+            return None
+        event = dict(row.event)
+        session.delete(row)
+        return event
+
+    def held_turns_due(
+        self, *, detector_version: str, now: datetime, limit: int = 500
+    ) -> list[tuple[str, int]]:
+        """(conversation, turn) of held turns whose wait is over, oldest first."""
+        with self.transaction() as session:
+            rows = session.execute(
+                select(DetectorPending.conversation_id, DetectorPending.turn_index)
+                .where(
+                    DetectorPending.detector_version == detector_version,
+                    DetectorPending.due_at <= now,
+                )
+                .order_by(DetectorPending.due_at)
+                .limit(limit)
+            ).all()
+        return [(c, t) for c, t in rows]
+
+    def messages_before(
+        self, conversation_id: str, turn: int, *, limit: int
+    ) -> list[tuple[int, str, str, str | None]]:
+        """The recorded messages before ``turn`` (newest ``limit``), oldest first, as
+        (turn, role, content, adapter_id)."""
+        with self.transaction() as session:
+            rows = session.execute(
+                select(Turn.turn_index, Turn.role, Turn.content, Turn.adapter_id)
+                .where(Turn.conversation_id == conversation_id, Turn.turn_index < turn)
+                .order_by(Turn.turn_index.desc())
+                .limit(limit)
+            ).all()
+        return [(t, r, c, a) for t, r, c, a in reversed(rows)]
 
     # -- reads ----------------------------------------------------------------------------------
     def list_conversations(

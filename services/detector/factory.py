@@ -1,0 +1,71 @@
+"""Build the configured cascade from settings (tiers are imported only when used)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from services.detector.cascade import Cascade, CascadeMetrics, Stage
+from services.detector.judgement import Tier
+from services.settings import DetectorSettings
+
+TIER_NAMES = ("rules", "classifier", "llm")
+
+
+class DetectorConfigError(ValueError):
+    """The detector cannot be built as configured (the message says what to set)."""
+
+
+def build_tier(name: str, cfg: DetectorSettings) -> Tier:
+    if name == "rules":
+        from services.detector.tiers.rules import RulesTier  # noqa: PLC0415
+
+        return RulesTier()
+    if name == "classifier":
+        try:
+            from services.detector.tiers.classifier import ClassifierTier  # noqa: PLC0415
+        except ImportError as exc:
+            raise DetectorConfigError(
+                f"the classifier tier needs the detector extra (pip install 'wildloop[detector]'):"
+                f" {exc}"
+            ) from exc
+        try:
+            return ClassifierTier.load()
+        except (OSError, ValueError) as exc:
+            raise DetectorConfigError(f"cannot load the classifier tier: {exc}") from exc
+    if name == "llm":
+        if not cfg.llm_url or not cfg.llm_model:
+            raise DetectorConfigError(
+                "the llm tier needs WILDLOOP_DETECTOR__LLM_URL and WILDLOOP_DETECTOR__LLM_MODEL"
+            )
+        from services.detector.tiers.llm import LlmTier  # noqa: PLC0415
+
+        return LlmTier(
+            base_url=cfg.llm_url,
+            model=cfg.llm_model,
+            api_key=cfg.llm_api_key,
+            timeout_s=cfg.llm_timeout_s,
+            max_retries=cfg.llm_max_retries,
+            concurrency=cfg.llm_concurrency,
+            structured_output=cfg.llm_structured_output,
+            history_messages=cfg.history_messages,
+        )
+    raise DetectorConfigError(f"unknown tier {name!r}; choose from {', '.join(TIER_NAMES)}")
+
+
+def threshold_for(name: str, cfg: DetectorSettings) -> float:
+    return {"rules": cfg.rules_threshold, "classifier": cfg.classifier_threshold}.get(name, 0.0)
+
+
+def build_cascade(
+    cfg: DetectorSettings,
+    tiers: Sequence[str] | None = None,
+    *,
+    metrics: CascadeMetrics | None = None,
+) -> Cascade:
+    names = list(tiers or cfg.tiers)
+    if not names:
+        raise DetectorConfigError("no detector tiers configured")
+    if len(set(names)) != len(names):
+        raise DetectorConfigError(f"a tier is listed twice: {','.join(names)}")
+    stages = [Stage(build_tier(n, cfg), threshold_for(n, cfg)) for n in names]
+    return Cascade(stages, metrics=metrics)

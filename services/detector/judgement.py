@@ -1,0 +1,84 @@
+"""What a detector tier sees (``TurnContext``) and what it answers (``Verdict``).
+
+A tier is anything with ``name`` and ``judge(contexts) -> verdicts`` (``Tier``): batch in, batch
+out, same order, one verdict per context, never raising for odd text (empty, huge, binary-ish):
+an unusable input gets a NEUTRAL verdict with low confidence. Polarity is derived from the
+rubrics, never stored separately, so the two cannot disagree: both kinds present -> MIXED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from services.events.schemas import DsatRubric, FeedbackCategory, Polarity, SatRubric
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """One user turn to judge, with what came before it.
+
+    ``turn`` is the user message's 0-based index in the conversation (FORMATS.md);
+    ``previous_assistant`` the assistant answer it reacts to (``None`` when that answer never
+    arrived: ``missing_context``); ``history`` the messages before that answer, oldest first,
+    already cut to the configured window.
+    """
+
+    conversation_id: str
+    turn: int
+    user: str
+    previous_assistant: str | None
+    history: tuple[Message, ...] = ()
+    language: str | None = None  # optional hint (ISO 639-1), tiers may ignore it
+
+    @property
+    def missing_context(self) -> bool:
+        return self.previous_assistant is None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    sat: frozenset[SatRubric] = field(default_factory=frozenset)
+    dsat: frozenset[DsatRubric] = field(default_factory=frozenset)
+    category: FeedbackCategory = FeedbackCategory.NONE
+    confidence: float = 0.5  # calibrated probability that the polarity is right
+    tier: str = "unknown"
+
+    @property
+    def polarity(self) -> Polarity:
+        return polarity_of(self.sat, self.dsat)
+
+    def with_tier(self, tier: str) -> Verdict:
+        return Verdict(self.sat, self.dsat, self.category, self.confidence, tier)
+
+
+def polarity_of(sat: frozenset[SatRubric], dsat: frozenset[DsatRubric]) -> Polarity:
+    if sat and dsat:
+        return Polarity.MIXED
+    if sat:
+        return Polarity.SAT
+    if dsat:
+        return Polarity.DSAT
+    return Polarity.NEUTRAL
+
+
+def neutral(tier: str, confidence: float = 0.5) -> Verdict:
+    return Verdict(confidence=confidence, tier=tier)
+
+
+@runtime_checkable
+class Tier(Protocol):
+    """A detector tier. ``judge`` must be safe to call from one thread at a time."""
+
+    name: str
+
+    def judge(self, contexts: Sequence[TurnContext]) -> list[Verdict]: ...

@@ -1,0 +1,1 @@
+"""Detector tiers: rules (tier 1), classifier (tier 2), LLM judge (tier 3)."""
