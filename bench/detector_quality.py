@@ -199,6 +199,12 @@ def main() -> None:
         "--uss-per-corpus", type=int, default=0, help="sample this many turns per corpus (0: all)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="on --split (use dev): cascade scores for a grid of rules thresholds, to choose "
+        "WILDLOOP_DETECTOR__RULES_THRESHOLD; never sweep on test",
+    )
     p.add_argument("--llm-url")
     p.add_argument("--llm-model")
     args = p.parse_args()
@@ -220,6 +226,16 @@ def main() -> None:
         f"{platform.platform()} · Python {platform.python_version()}"
     )
     contexts, gold = load_split(args.split)
+    if args.sweep:
+        if args.split == "test":
+            p.error("thresholds are chosen on dev; the test split only reports")
+        sweep = []
+        for threshold in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.01):
+            cascade = build_cascade(cfg.model_copy(update={"rules_threshold": threshold}))
+            verdicts, seconds = run(cascade, contexts)
+            sweep.append(score(f"rules ≥ {threshold:g}", gold, verdicts, seconds))
+        console.print(table(f"cascade by rules threshold on {args.split}", sweep))
+        return
     results = []
     for name, cascade in setups.items():
         verdicts, seconds = run(cascade, contexts)

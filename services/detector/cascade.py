@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.detector.judgement import Tier, TurnContext, Verdict, neutral
+from services.detector.judgement import Tier, TurnContext, Verdict, failure
 from services.metrics import Metrics
 
 CASCADE_REVISION = "1"
@@ -78,7 +78,7 @@ class Cascade:
                 )
             unsure = []
             for i, verdict in zip(pending, verdicts, strict=True):
-                failed = verdict.confidence <= 0.0  # the tier could not judge (e.g. outage)
+                failed = verdict.failed
                 if verdict.confidence >= stage.threshold and not failed:
                     final[i] = verdict
                 elif last:
@@ -90,7 +90,7 @@ class Cascade:
                         best[i] = verdict
                     unsure.append(i)
             pending = unsure
-        result = [v if v is not None else neutral("none", 0.0) for v in final]
+        result = [v if v is not None else failure("none") for v in final]
         if self.metrics is not None:
             for verdict in result:
                 self.metrics.decisions.labels(verdict.tier).inc()

@@ -52,13 +52,14 @@ class Verdict:
     category: FeedbackCategory = FeedbackCategory.NONE
     confidence: float = 0.5  # calibrated probability that the polarity is right
     tier: str = "unknown"
+    failed: bool = False  # the tier could not judge (endpoint down, unusable input)
 
     @property
     def polarity(self) -> Polarity:
         return polarity_of(self.sat, self.dsat)
 
     def with_tier(self, tier: str) -> Verdict:
-        return Verdict(self.sat, self.dsat, self.category, self.confidence, tier)
+        return Verdict(self.sat, self.dsat, self.category, self.confidence, tier, self.failed)
 
 
 def polarity_of(sat: frozenset[SatRubric], dsat: frozenset[DsatRubric]) -> Polarity:
@@ -73,6 +74,12 @@ def polarity_of(sat: frozenset[SatRubric], dsat: frozenset[DsatRubric]) -> Polar
 
 def neutral(tier: str, confidence: float = 0.5) -> Verdict:
     return Verdict(confidence=confidence, tier=tier)
+
+
+def failure(tier: str) -> Verdict:
+    """What a tier answers for a turn it could not judge: the cascade keeps an earlier tier's
+    verdict for it, or, if there is none, labels it NEUTRAL with confidence 0."""
+    return Verdict(confidence=0.0, tier=tier, failed=True)
 
 
 @runtime_checkable

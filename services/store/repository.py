@@ -293,6 +293,19 @@ class Store:
         return [(t, r, c, a) for t, r, c, a in reversed(rows)]
 
     # -- reads ----------------------------------------------------------------------------------
+    def label_polarities(self, *, tenant_id: str) -> dict[str, list[tuple[int, str]]]:
+        """conversation -> [(turn, polarity)] of a tenant's labels, in turn order."""
+        with self.transaction() as session:
+            rows = session.execute(
+                select(TurnLabel.conversation_id, TurnLabel.turn_index, TurnLabel.polarity)
+                .where(TurnLabel.tenant_id == tenant_id)
+                .order_by(TurnLabel.conversation_id, TurnLabel.turn_index)
+            ).all()
+        found: dict[str, list[tuple[int, str]]] = {}
+        for conversation, turn, polarity in rows:
+            found.setdefault(conversation, []).append((turn, polarity))
+        return found
+
     def list_conversations(
         self, *, tenant_id: str | None = None, limit: int = 50, offset: int = 0
     ) -> list[ConversationSummary]:

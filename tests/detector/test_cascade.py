@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pytest
 
 from services.detector.cascade import Cascade, CascadeMetrics, Stage
-from services.detector.judgement import TurnContext, Verdict
+from services.detector.judgement import TurnContext, Verdict, failure
 from services.events.schemas import DsatRubric, Polarity, SatRubric
 from services.metrics import Metrics
 
@@ -77,7 +77,7 @@ def test_a_failed_last_tier_falls_back_to_the_most_confident_earlier_verdict() -
     hedged = Verdict(dsat=frozenset({DsatRubric.STYLE}), confidence=0.55, tier="classifier")
     rules = Scripted("rules", {}, default=0.3)
     classifier = Scripted("classifier", {"shorter please": hedged})
-    llm_down = Scripted("llm", {}, default=0.0)  # what the llm tier answers when unreachable
+    llm_down = Scripted("llm", {"shorter please": failure("llm")})  # the endpoint is down
     cascade = Cascade([Stage(rules, 0.85), Stage(classifier, 0.6), Stage(llm_down, 0.0)])
 
     (verdict,) = cascade.judge([turn("shorter please")])

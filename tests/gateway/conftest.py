@@ -21,8 +21,6 @@ from pathlib import Path
 import pytest
 
 from gateway.backends.base import ChatBackend
-from services.models import ensure_base_model
-from services.settings import WildloopSettings
 from tests.support.lora import build_lora_adapter
 from tests.support.trained_adapter import dpo_adapter_fixture  # noqa: F401 - fixture
 from tests.support.vllm_server import vllm_server_fixture  # noqa: F401 - fixture
@@ -38,16 +36,6 @@ BackendFactory = Callable[[pytest.FixtureRequest], AbstractAsyncContextManager[C
 def anyio_backend() -> str:
     """asyncio only, for the whole session, so session-scoped async fixtures work."""
     return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def model_settings(tmp_path_factory: pytest.TempPathFactory) -> WildloopSettings:
-    return WildloopSettings(data_dir=tmp_path_factory.mktemp("wildloop-data"))
-
-
-@pytest.fixture(scope="session")
-def base_model_dir(model_settings: WildloopSettings) -> Path:
-    return ensure_base_model(model_settings)
 
 
 @pytest.fixture(scope="session")
