@@ -21,7 +21,10 @@ def test_the_wheel_ships_migrations_demo_data_and_the_console_script(tmp_path: P
     for required in (
         "services/store/migrations/env.py",
         "services/store/migrations/versions/0001_initial_schema.py",
+        "services/store/migrations/versions/0003_detector_pending.py",
         "services/data/demo_conversations.jsonl",
+        "services/detector/models/classifier_heads.npz",
+        "services/detector/models/classifier_heads.json",
     ):
         assert required in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

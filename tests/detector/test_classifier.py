@@ -1,0 +1,263 @@
+"""The classifier tier (tier 2), specified with the real all-MiniLM-L6-v2 encoder and the packaged
+heads. Examples are written here; the training check reads only train and dev (never test)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.detector.judgement import Message, Tier, TurnContext, Verdict
+from services.detector.tiers.classifier import (
+    HEADS_FILE,
+    MANIFEST_FILE,
+    MODELS_DIR,
+    POLARITIES,
+    ClassifierTier,
+    Embedder,
+    Heads,
+    load_artefact,
+    sha256_file,
+)
+from services.detector.training import DATA_DIR, DataError, TrainConfig, load_split, train
+from services.events.schemas import FeedbackCategory, Polarity, SatRubric
+
+ANSWER = "To reverse a list without changing it, use slicing: `reversed_copy = my_list[::-1]`."
+HISTORY = (Message("user", "how do i reverse a list in python without changing the original"),)
+
+
+def ctx(user: str, answer: str | None = ANSWER, turn: int = 2) -> TurnContext:
+    return TurnContext("c-1", turn, user, answer, HISTORY)
+
+
+@pytest.fixture(scope="module")
+def tier() -> Iterator[ClassifierTier]:
+    """The packaged tier, loaded with every outbound connection refused (offline by design)."""
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError("network access attempted while loading the classifier tier")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(socket.socket, "connect", refuse)
+        loaded = ClassifierTier.load()
+    yield loaded
+
+
+def one(tier: ClassifierTier, user: str, answer: str | None = ANSWER) -> Verdict:
+    (verdict,) = tier.judge([ctx(user, answer)])
+    return verdict
+
+
+# --- the tier contract ----------------------------------------------------------------------
+
+
+def test_is_a_tier_named_classifier_with_a_versioned_artefact(tier: ClassifierTier) -> None:
+    assert isinstance(tier, Tier)
+    assert tier.name == "classifier"
+    assert len(tier.version) >= 12
+    assert one(tier, "thanks!").tier == "classifier"
+    assert tier.judge([]) == []
+
+
+def test_the_artefact_is_small_and_loads_without_pickle() -> None:
+    files = {p.name for p in MODELS_DIR.iterdir()}
+    assert {HEADS_FILE, MANIFEST_FILE} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".joblib", ".pt", ".bin"))]
+    assert (MODELS_DIR / HEADS_FILE).stat().st_size < 300_000
+    with np.load(MODELS_DIR / HEADS_FILE, allow_pickle=False) as data:
+        assert all(data[k].dtype != object for k in data.files)
+
+
+# --- clear cases ----------------------------------------------------------------------------
+
+
+def test_thanks_for_a_working_answer_is_sat_with_gratitude(tier: ClassifierTier) -> None:
+    verdict = one(tier, "thank you so much, that worked!")
+    assert verdict.polarity is Polarity.SAT
+    assert SatRubric.GRATITUDE in verdict.sat
+    assert verdict.category is FeedbackCategory.POSITIVE
+    assert verdict.confidence >= 0.6
+
+
+def test_calling_the_answer_wrong_is_dsat(tier: ClassifierTier) -> None:
+    verdict = one(tier, "that's completely wrong")
+    assert verdict.polarity is Polarity.DSAT
+    assert verdict.dsat
+    assert verdict.category is not FeedbackCategory.POSITIVE
+
+
+@pytest.mark.parametrize("user", ["what about tuples?", "how do I read a csv file with pandas?"])
+def test_a_plain_follow_up_question_is_neutral(tier: ClassifierTier, user: str) -> None:
+    verdict = one(tier, user)
+    assert verdict.polarity is Polarity.NEUTRAL
+    assert not verdict.sat and not verdict.dsat
+    assert verdict.category is FeedbackCategory.NONE
+
+
+# --- batches and odd input ------------------------------------------------------------------
+
+BATCH = [
+    "thank you so much, that worked!",
+    "that's completely wrong",
+    "what about tuples?",
+    "perfect, thanks!",
+    "make it shorter please",
+    "ok",
+    "no, that's not what I asked",
+    "lol nice one",
+]
+
+
+def test_a_batch_keeps_its_order_and_matches_one_by_one(tier: ClassifierTier) -> None:
+    batch = tier.judge([ctx(u) for u in BATCH])
+    singles = [one(tier, u) for u in BATCH]
+    assert len(batch) == len(BATCH)
+    for b, s in zip(batch, singles, strict=True):
+        assert (b.sat, b.dsat, b.category) == (s.sat, s.dsat, s.category)
+        assert b.confidence == pytest.approx(s.confidence, abs=1e-4)
+    reversed_batch = tier.judge([ctx(u) for u in reversed(BATCH)])
+    assert [v.polarity for v in reversed_batch] == [v.polarity for v in reversed(batch)]
+
+
+ODD = [
+    "",
+    "   \n\t ",
+    "x" * 100_000,
+    "thanks " * 20_000,
+    bytes(range(256)).decode("latin-1"),
+    "\x00\ud800\udfff\uffff broken \x1b[31m",
+    "👍👍👍",
+    "日本語のテキストです。ありがとう!",
+    "a",
+]
+
+
+def test_odd_input_never_raises_and_stays_in_range(tier: ClassifierTier) -> None:
+    contexts = [ctx(u) for u in ODD]
+    contexts += [ctx("thanks!", answer=None), ctx("thanks!", answer="x" * 100_000)]
+    verdicts = tier.judge(contexts)
+    assert len(verdicts) == len(contexts)
+    for v in verdicts:
+        assert 0.0 <= v.confidence <= 1.0
+        assert v.tier == "classifier"
+        assert isinstance(v.category, FeedbackCategory)
+
+
+def test_the_int8_encoder_also_judges_odd_input_in_range() -> None:
+    """int8 is off by default (its verdicts move with batch-mates, see the manifest) but stays
+    available; it must honour the same contract."""
+    quantized = ClassifierTier.load(quantize=True)
+    assert quantized.embedder.quantized and quantized.version.endswith("-int8")
+    verdicts = quantized.judge([ctx(u) for u in ODD])
+    assert len(verdicts) == len(ODD)
+    assert all(0.0 <= v.confidence <= 1.0 for v in verdicts)
+    assert quantized.judge([ctx("thank you so much, that worked!")])[0].polarity is Polarity.SAT
+
+
+def test_an_empty_turn_is_neutral_with_no_confidence(tier: ClassifierTier) -> None:
+    for user in ("", "  \n "):
+        verdict = one(tier, user)
+        assert verdict.polarity is Polarity.NEUTRAL
+        assert verdict.confidence == 0.0
+
+
+def test_rubrics_always_agree_with_the_polarity_head(tier: ClassifierTier) -> None:
+    contexts = [ctx(u) for u in BATCH + ODD[2:]]
+    verdicts = tier.judge(contexts)
+    features = tier.embedder.features(contexts, tier.text)
+    heads_choice = tier.heads.polarity_probs(features).argmax(axis=1)
+    for v, k in zip(verdicts, heads_choice, strict=True):
+        assert v.polarity is POLARITIES[int(k)]
+        if v.polarity is Polarity.NEUTRAL:
+            assert not v.sat and not v.dsat
+
+
+# --- the decision rule, on hand-made heads --------------------------------------------------
+
+
+def _toy_heads(polarity_logits: list[float]) -> Heads:
+    """Two-feature heads: feature 0 drives the polarity, feature 1 the rubrics."""
+    rubrics = ("Gratitude", "Praise", "Revision")
+    return Heads(
+        polarity_classes=tuple(p.value for p in POLARITIES),
+        polarity_w=np.array([[v, 0.0] for v in polarity_logits]),
+        polarity_b=np.zeros(4),
+        category_classes=("none", "positive", "rephrase"),
+        category_w=np.zeros((3, 2)),
+        category_b=np.array([0.0, 0.1, 0.2]),
+        category_allowed=np.array([[0, 1, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]], dtype=bool),
+        rubric_names=rubrics,
+        rubric_w=np.array([[0.0, 1.0], [0.0, -1.0], [0.0, -1.0]]),
+        rubric_b=np.array([-5.0, -6.0, -5.0]),  # all rubric probabilities well under 0.5
+        sat_fallback="Gratitude",
+        dsat_fallback="Revision",
+    )
+
+
+@pytest.mark.parametrize(
+    ("logits", "sat", "dsat", "category"),
+    [
+        ([5, 0, 0, 0], {"Gratitude"}, set(), "positive"),
+        ([0, 5, 0, 0], set(), {"Revision"}, "rephrase"),
+        ([0, 0, 5, 0], {"Gratitude"}, {"Revision"}, "rephrase"),
+        ([0, 0, 0, 5], set(), set(), "none"),
+    ],
+)
+def test_each_polarity_gets_at_least_its_most_probable_rubric(
+    logits: list[float], sat: set[str], dsat: set[str], category: str
+) -> None:
+    heads = _toy_heads(logits)
+    (verdict,) = heads.decide(np.array([[1.0, 1.0]]))
+    assert {r.value for r in verdict.sat} == sat
+    assert {r.value for r in verdict.dsat} == dsat
+    assert verdict.category.value == category
+    assert verdict.confidence == pytest.approx(np.exp(5) / (np.exp(5) + 3))
+
+
+def test_temperature_scales_confidence_but_not_the_choice() -> None:
+    heads = _toy_heads([2, 0, 0, 0])
+    x = np.array([[1.0, 0.0]])
+    sharp = replace(heads, temperature=0.5).decide(x)[0]
+    soft = replace(heads, temperature=2.0).decide(x)[0]
+    assert sharp.polarity is soft.polarity is Polarity.SAT
+    assert sharp.confidence > heads.decide(x)[0].confidence > soft.confidence
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def test_training_refuses_the_test_split(tmp_path: Path) -> None:
+    conversations, labels = tmp_path / "test.conversations.jsonl", tmp_path / "test.labels.jsonl"
+    with pytest.raises(DataError, match="held out"):
+        load_split("test", conversations, labels)
+
+
+def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: Path) -> None:
+    """Same data, same seed, same selected configuration -> the same heads and dev metrics. A
+    failure on the data hashes means the dataset changed: retrain with
+    ``python -m services.detector.training`` and commit the new artefact."""
+    packaged_heads, _, manifest = load_artefact(MODELS_DIR)
+    for name, info in manifest["training"]["data"].items():
+        assert not name.startswith("test.")
+        assert info["sha256"] == sha256_file(DATA_DIR / name), f"{name} changed since training"
+    encoder = tier.embedder if not tier.embedder.quantized else Embedder.load()
+    cfg = TrainConfig(
+        out_dir=tmp_path,
+        seed=manifest["training"]["seed"],
+        feature_sets=(manifest["text"]["feature_set"],),
+        c_grid=(manifest["training"]["C"],),
+        max_length=manifest["text"]["max_length"],
+        check_int8=False,
+        baseline=False,
+    )
+    retrained = train(cfg, embedder=encoder, say=lambda _msg: None)
+    assert retrained["dev_metrics"] == manifest["dev_metrics"]
+    heads, _, _ = load_artefact(tmp_path)
+    assert heads.config() == packaged_heads.config()
+    for key, packaged in packaged_heads.arrays().items():
+        np.testing.assert_allclose(heads.arrays()[key], packaged, atol=1e-4, err_msg=key)
