@@ -73,6 +73,7 @@ class Run:
     ttfts_ms: list[float]
     added_ms: list[float]
     seconds: float
+    cpu_ms_per_request: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -193,16 +194,28 @@ async def straight_vllm(
         return {c: await drive(c, c * per_client, one) for c in levels}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def through_gateway(
-    url: str, key: str, levels: list[int], per_client: int, max_tokens: int
+    url: str, key: str, levels: list[int], per_client: int, max_tokens: int, *, pid: int
 ) -> dict[int, Run]:
+    """Like ``straight_*``; also the gateway process's CPU time per request at each level."""
     async with _client(url, key) as http:
 
         async def one(i: int) -> Sample:
             return await read_stream(http, "/v1/chat/completions", body(i, max_tokens))
 
         await drive(1, 2, one)
-        return {c: await drive(c, c * per_client, one) for c in levels}
+        runs = {}
+        for c in levels:
+            before = cpu_seconds(pid)
+            runs[c] = await drive(c, c * per_client, one)
+            runs[c].cpu_ms_per_request = (cpu_seconds(pid) - before) * 1000 / (c * per_client)
+        return runs
 
 
 def start_gateway(
@@ -261,6 +274,7 @@ def report(
         "added p99 ms",
         "straight req/s",
         "through req/s",
+        "gateway CPU ms/req",
     ):
         table.add_column(col, justify="right")
     for c in levels:
@@ -276,6 +290,7 @@ def report(
             f"{pct(t.added_ms, 0.99):.2f}",
             f"{s.throughput:.2f}",
             f"{t.throughput:.2f}",
+            f"{t.cpu_ms_per_request:.2f}" if t.cpu_ms_per_request is not None else "-",
         )
     console.print(table)
     top = through[max(levels)]
@@ -352,7 +367,12 @@ def main() -> None:
         try:
             through = asyncio.run(
                 through_gateway(
-                    f"http://127.0.0.1:{port}", key, levels, args.per_client, args.max_tokens
+                    f"http://127.0.0.1:{port}",
+                    key,
+                    levels,
+                    args.per_client,
+                    args.max_tokens,
+                    pid=proc.pid,
                 )
             )
         finally:

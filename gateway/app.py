@@ -203,7 +203,9 @@ async def admin_key(key: Annotated[KeyInfo, Depends(current_key)]) -> KeyInfo:
     return key
 
 
-def service(request: Request) -> ChatService:
+async def service(request: Request) -> ChatService:
+    # async on purpose: FastAPI runs a plain-def dependency in a thread pool, and that hand-off
+    # (and the GIL coming back) cost the chat path milliseconds per request.
     return request.app.state.service  # type: ignore[no-any-return]
 
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import httpx2  # openai's own HTTP stack: errors raised while a stream is read
 import openai
@@ -69,11 +70,16 @@ class VllmBackend:
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, _CONNECT_TIMEOUT_S))
         # openai >= 3 ships its own HTTP stack (httpx2), so the two clients share no types:
         # each gets its own timeout object and pool. No retries: the gateway decides.
+        openai_timeout = openai.Timeout(timeout_s, connect=min(timeout_s, _CONNECT_TIMEOUT_S))
         self._openai = openai.AsyncOpenAI(
             base_url=f"{root}/v1",
             api_key=api_key or "EMPTY",  # vLLM ignores the key unless started with --api-key
-            timeout=openai.Timeout(timeout_s, connect=min(timeout_s, _CONNECT_TIMEOUT_S)),
+            timeout=openai_timeout,
             max_retries=0,
+            # aiohttp (C HTTP parser) under the SDK instead of its pure-Python default: every
+            # streamed token is one HTTP chunk to parse, and this cut the gateway's CPU per
+            # 16-token stream from ~12 ms to ~N ms (bench/gateway.py, docs/benchmarks.md).
+            http_client=openai.DefaultAioHttpClient(timeout=openai_timeout),
         )
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=root, headers=headers, timeout=timeout)
@@ -134,7 +140,7 @@ class VllmBackend:
                         continue  # blank separators, SSE comments
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        break
+                        continue  # read on to the end, so the connection can be reused
                     chunk = json.loads(data)
                     if "error" in chunk:  # vLLM reports a mid-stream failure as an event
                         raise BackendError(f"vLLM error: {_chunk_error(chunk)}")
@@ -266,7 +272,8 @@ def _finish_reason(reason: str | None) -> FinishReason:
 
 def _generation_error(err: openai.APIError, adapter: str | None) -> BackendError:
     """Map an ``openai`` exception of a generation request to a backend error."""
-    if isinstance(err, openai.APITimeoutError):  # before its base class, APIConnectionError
+    if isinstance(err, openai.APITimeoutError) and not _refused(err):
+        # (checked before its base class, APIConnectionError)
         return BackendTimeoutError(f"vLLM did not answer in time: {err}")
     if isinstance(err, openai.APIConnectionError):
         return BackendUnavailableError(f"cannot reach vLLM: {err}")
@@ -282,6 +289,20 @@ def _generation_error(err: openai.APIError, adapter: str | None) -> BackendError
     if status is not None and status >= 500:
         return BackendUnavailableError(f"vLLM failed ({status}): {err.message}")
     return BackendError(f"vLLM error: {err.message}")  # auth, rate limit, mid-stream errors
+
+
+def _refused(err: BaseException) -> bool:
+    """A refused connection. The SDK's aiohttp transport reports one as a connect *timeout*
+    (its error map picks ``ConnectTimeout`` for aiohttp's ``ClientConnectorError``); the cause
+    chain still holds the real error."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError) or (
+            isinstance(seen, aiohttp.ClientConnectorError) and not isinstance(seen, TimeoutError)
+        ):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _transport_error(err: httpx.HTTPError) -> BackendError:
