@@ -78,7 +78,7 @@ class VllmBackend:
             max_retries=0,
             # aiohttp (C HTTP parser) under the SDK instead of its pure-Python default: every
             # streamed token is one HTTP chunk to parse, and this cut the gateway's CPU per
-            # 16-token stream from ~12 ms to ~N ms (bench/gateway.py, docs/benchmarks.md).
+            # 16-token stream from ~12.5 ms to ~8.7 ms (bench/gateway.py, docs/benchmarks.md).
             http_client=openai.DefaultAioHttpClient(timeout=openai_timeout),
         )
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
