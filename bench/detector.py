@@ -40,7 +40,7 @@ from services.detector.service import build_detector
 from services.events.codec import decode
 from services.events.schemas import Role, TurnLabeled, TurnLogged
 from services.metrics import Metrics
-from services.settings import DetectorSettings, WildloopSettings
+from services.settings import WildloopSettings
 from services.store.repository import Store
 
 console = Console(width=150)
@@ -58,7 +58,7 @@ def throughput(turns: int, batch: int) -> Table:
     dev, _ = load_split("dev")
     base = train + dev
     contexts = [base[i % len(base)] for i in range(turns)]
-    cfg = DetectorSettings()
+    cfg = WildloopSettings().detector  # WILDLOOP_DETECTOR__* apply
     table = Table(title=f"detector throughput ({turns} turns, batches of {batch})")
     for col in ("tier", "turns/s", "ms per batch", "decided by rules", "decided by classifier"):
         table.add_column(col, justify="right")
@@ -88,9 +88,10 @@ def throughput(turns: int, batch: int) -> Table:
 def live_lag(rate: float, seconds: float) -> Table:
     train, _ = load_split("train")
     with tempfile.TemporaryDirectory() as tmp:
+        base = WildloopSettings().detector  # WILDLOOP_DETECTOR__* apply
         settings = WildloopSettings(
             data_dir=Path(tmp),
-            detector=DetectorSettings(missing_context_wait_s=5.0),
+            detector=base.model_copy(update={"missing_context_wait_s": 5.0}),
         )
         log = build_bus(settings)
         log.ensure_topics(settings.topics.all())

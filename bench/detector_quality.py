@@ -47,7 +47,7 @@ from services.detector.factory import build_cascade
 from services.detector.judgement import TurnContext, Verdict
 from services.events.schemas import DsatRubric, SatRubric
 from services.formats import ConversationRecord, LabelRecord
-from services.settings import DetectorSettings
+from services.settings import WildloopSettings
 
 DATA = Path(__file__).resolve().parent.parent / "services" / "detector" / "data"
 console = Console(width=170)
@@ -208,7 +208,9 @@ def main() -> None:
     p.add_argument("--llm-url")
     p.add_argument("--llm-model")
     args = p.parse_args()
-    cfg = DetectorSettings(llm_url=args.llm_url, llm_model=args.llm_model)
+    cfg = WildloopSettings().detector  # WILDLOOP_DETECTOR__* apply
+    if args.llm_url:
+        cfg = cfg.model_copy(update={"llm_url": args.llm_url, "llm_model": args.llm_model})
 
     setups: dict[str, Cascade] = {}
     for name in args.tiers.split(","):

@@ -8,24 +8,31 @@ data hashes and sizes, embedding model, seed, the selection grid and the dev met
 whose name starts with ``test.``.
 
 Procedure (deterministic: fixed seed, lbfgs solvers, no shuffling)
-    1. For every feature set (``user``, ``pair``, ``user+pair``; see ``tiers.classifier``) and
-       every C in the grid: fit the polarity, category and rubric logistic regressions on train
+    1. For every rules scale (0 = embeddings only, tried first; 0.5, 1, 2, 4 = the rules tier's
+       verdict stacked as features, see ``tiers.classifier.rules_features``), every feature set
+       (``user``, ``pair``, ``user+pair``; see ``tiers.classifier``) and every C in the grid:
+       fit the polarity, category and rubric logistic regressions on train
        (class-balanced weights: the classes are far from even), fit the temperature of the
        polarity head on dev (minimum NLL), tune the one rubric threshold on dev (rubric
        micro-F1), and score on dev: mean of polarity macro-F1, SAT-present F1 and DSAT-present
-       F1. The best score wins; ties go to the cheaper feature set, then to the smaller C.
+       F1. The best score wins; ties go to the earlier grid entry (no stacking, then the
+       smaller scale, the cheaper feature set, the smaller C). ``--no-stack-rules`` keeps the
+       scale at 0.
     2. Embed dev again with the int8-quantised encoder; the manifest turns int8 on only if none
        of the three F1s drops by more than 0.01 and int8 verdicts do not depend on batch-mates
-       (micro-batched vs one turn per pass: same polarity, confidence within 0.05). On the
-       current data the F1s hold (drops 0.000 / -0.016 / 0.000) but 5% of dev polarities flip
-       with batching, so int8 stays off.
+       (micro-batched vs one turn per pass: same polarity, confidence within 0.05). The
+       stacked heads pass (drops 0 / 0 / 0, no flips, gap 0.032), so int8 is on; the unstacked
+       ones did not (5% of dev polarities flipped with batching).
     3. The same grid on character n-gram TF-IDF features (no embeddings) is the baseline the
        embeddings must beat; its dev numbers go into the manifest.
 
-Current result (train 312 turns, dev 101): ``user`` view, C = 8; dev polarity accuracy 0.594,
-macro-F1 0.463, SAT-present F1 0.773, DSAT-present F1 0.522 (TF-IDF baseline: 0.634, 0.486,
-0.696, 0.585). Training takes ~30 s on the 2-core development machine and is byte-for-byte
-reproducible (same data and seed -> identical ``.npz`` and manifest).
+Current result (train 312 turns, dev 101): stacked rules features (scale 0.5), ``pair`` view,
+C = 0.5; dev polarity accuracy 0.832, macro-F1 0.815, SAT-present F1 0.896, DSAT-present F1
+0.812. Unstacked (previous artefact): ``user`` view, C = 8; 0.594, 0.463, 0.773, 0.522 (TF-IDF
+baseline: 0.634, 0.486, 0.696, 0.585). The rules -> classifier cascade's dev mean of SAT F1,
+DSAT F1 and 3-way macro-F1 at its best rules threshold goes from 0.836 to 0.851. Training takes
+~80 s (~165 s with the int8 check and the baseline) on the 2-core development machine and is
+byte-for-byte reproducible (same data and seed -> identical ``.npz`` and manifest).
 
 ``--bench`` then times ``ClassifierTier.judge`` (batches of 64 dev turns) with the fp32 and the
 int8 encoder, and the TF-IDF baseline's featurise-and-decide step.
@@ -61,7 +68,10 @@ from services.detector.tiers.classifier import (
     Heads,
     TextConfig,
     embedding_model_path,
+    load_rules_tier,
     pair_view,
+    rules_features,
+    rules_provenance,
     save_artefact,
     sha256_file,
     user_view,
@@ -72,6 +82,9 @@ from services.formats import ConversationRecord, LabelRecord, LineError, read_js
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SEED = 20261123
 C_GRID = (0.5, 2.0, 8.0, 32.0)
+# Multipliers of the stacked rules features tried on dev; 0 means "no stacking" (tried first,
+# so stacking must strictly beat the embeddings alone to be selected).
+RULES_SCALES = (0.0, 0.5, 1.0, 2.0, 4.0)
 MIN_RUBRIC_POSITIVES = 3
 INT8_MAX_F1_DROP = 0.01
 INT8_MAX_CONFIDENCE_GAP = 0.05
@@ -348,11 +361,13 @@ class Candidate:
     c: float
     heads: Heads
     metrics: dict[str, float]
+    rules_scale: float = 0.0  # 0: no stacked rules features
 
     def summary(self) -> dict[str, Any]:
         return {
             "feature_set": self.feature_set,
             "C": self.c,
+            "rules_scale": self.rules_scale,
             "score": score(self.metrics),
             **{k: self.metrics[k] for k in KEY_METRICS},
             "rubric_micro_f1": self.metrics["rubric_micro_f1"],
@@ -368,17 +383,28 @@ def select(
     feature_sets: Sequence[str],
     c_grid: Sequence[float],
     seed: int,
+    rules_scales: Sequence[float] = (0.0,),
+    train_rules: np.ndarray | None = None,
+    dev_rules: np.ndarray | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
-    """Grid over feature sets and C; the best dev score wins (ties: earlier in the grid)."""
+    """Grid over rules scales (0 = no stacking, first), feature sets and C; the best dev score
+    wins (ties: earlier in the grid). ``*_rules`` are the unscaled ``rules_features``."""
     candidates: list[Candidate] = []
     best: Candidate | None = None
-    for fs in feature_sets:
-        for c in sorted(c_grid):
-            heads = calibrated(fit_heads(train_x[fs], train, c, seed), dev_x[fs], dev)
-            cand = Candidate(fs, c, heads, evaluate(heads, dev_x[fs], dev))
-            candidates.append(cand)
-            if best is None or score(cand.metrics) > score(best.metrics):
-                best = cand
+    for scale in rules_scales:
+        for fs in feature_sets:
+            tx, dx = train_x[fs], dev_x[fs]
+            if scale:
+                if train_rules is None or dev_rules is None:
+                    raise ValueError("a rules scale needs the rules features")
+                tx = _stack([tx, train_rules * np.float32(scale)])
+                dx = _stack([dx, dev_rules * np.float32(scale)])
+            for c in sorted(c_grid):
+                heads = calibrated(fit_heads(tx, train, c, seed), dx, dev)
+                cand = Candidate(fs, c, heads, evaluate(heads, dx, dev), scale)
+                candidates.append(cand)
+                if best is None or score(cand.metrics) > score(best.metrics):
+                    best = cand
     assert best is not None
     return best, candidates
 
@@ -450,6 +476,7 @@ class TrainConfig:
     seed: int = SEED
     feature_sets: tuple[str, ...] = FEATURE_SETS
     c_grid: tuple[float, ...] = C_GRID
+    rules_scales: tuple[float, ...] = RULES_SCALES
     max_length: int = 128
     check_int8: bool = True
     baseline: bool = True
@@ -506,6 +533,7 @@ def train(
         raise ValueError("train with the fp32 encoder; int8 is checked separately")
     train_x = embedding_features(embedder, train_split, base_text, cfg.feature_sets)
     dev_x = embedding_features(embedder, dev_split, base_text, cfg.feature_sets)
+    rules = load_rules_tier()
     best, grid = select(
         train_x,
         dev_x,
@@ -514,8 +542,17 @@ def train(
         feature_sets=cfg.feature_sets,
         c_grid=cfg.c_grid,
         seed=cfg.seed,
+        rules_scales=cfg.rules_scales,
+        train_rules=rules_features(rules, train_split.contexts),
+        dev_rules=rules_features(rules, dev_split.contexts),
     )
-    text = TextConfig(feature_set=best.feature_set, max_length=cfg.max_length)
+    stack = best.rules_scale > 0
+    text = TextConfig(
+        feature_set=best.feature_set,
+        max_length=cfg.max_length,
+        stack_rules=stack,
+        rules_scale=best.rules_scale if stack else 1.0,
+    )
     say(f"selected: {best.summary()}")
     manifest: dict[str, Any] = {
         "embedding_model": _embedding_provenance(),
@@ -524,7 +561,10 @@ def train(
             "max_length": text.max_length,
             "user_chars": text.user_chars,
             "assistant_tail_chars": text.assistant_tail_chars,
+            "stack_rules": text.stack_rules,
+            "rules_scale": text.rules_scale,
         },
+        **({"rules_features": rules_provenance(rules)} if stack else {}),
         "inference": {
             "quantize_int8": False,
             "int8_rule": (
@@ -537,6 +577,7 @@ def train(
             "C": best.c,
             "c_grid": sorted(cfg.c_grid),
             "feature_sets": list(cfg.feature_sets),
+            "rules_scales": list(cfg.rules_scales),
             "min_rubric_positives": MIN_RUBRIC_POSITIVES,
             "solver": "sklearn LogisticRegression(lbfgs, class_weight=balanced)",
             "calibration": "temperature scaling of the polarity head on dev (min NLL)",
@@ -549,7 +590,7 @@ def train(
     }
     if cfg.check_int8:
         quantized = Embedder.load(max_length=cfg.max_length, quantize=True)
-        x_int8 = quantized.features(dev_split.contexts, text)
+        x_int8 = _with_rules(quantized.features(dev_split.contexts, text), dev_split, text)
         int8 = evaluate(best.heads, x_int8, dev_split)
         drop = {k: round(best.metrics[k] - int8[k], 6) for k in KEY_METRICS}
         stability = _batch_stability(best.heads, quantized, dev_split, text, x_int8)
@@ -589,12 +630,22 @@ def train(
     return manifest
 
 
+def _with_rules(x: np.ndarray, split: Split, text: TextConfig) -> np.ndarray:
+    """``x`` with the stacked rules features appended when ``text`` asks for them."""
+    if not text.stack_rules:
+        return x
+    stacked = rules_features(load_rules_tier(), split.contexts, text.rules_scale)
+    return np.concatenate([x, stacked], axis=1)
+
+
 def _batch_stability(
     heads: Heads, encoder: Embedder, split: Split, text: TextConfig, batched: np.ndarray
 ) -> dict[str, float]:
     """How far verdicts from micro-batched features (``batched``) are from those of one turn per
     forward pass: int8 dynamic quantisation scales activations per pass, so batch-mates matter."""
-    alone = np.vstack([encoder.features([c], text) for c in split.contexts])
+    alone = _with_rules(
+        np.vstack([encoder.features([c], text) for c in split.contexts]), split, text
+    )
     a, b = heads.decide(batched), heads.decide(alone)
     return {
         "polarity_agreement": round(
@@ -684,6 +735,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
     p.add_argument("--out-dir", type=Path, default=MODELS_DIR, help="where the heads are written")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--max-length", type=int, default=128, help="tokens per embedded view")
+    p.add_argument(
+        "--no-stack-rules", action="store_true", help="never stack the rules tier's verdict"
+    )
     p.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline")
     p.add_argument("--no-int8-check", action="store_true", help="skip the int8 dev check")
     p.add_argument("--bench", action="store_true", help="time the tier after training")
@@ -698,6 +752,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, argparse
         out_dir=args.out_dir,
         seed=args.seed,
         max_length=args.max_length,
+        rules_scales=(0.0,) if args.no_stack_rules else RULES_SCALES,
         check_int8=not args.no_int8_check,
         baseline=not args.no_baseline,
     )

@@ -17,13 +17,23 @@ from services.detector.tiers.classifier import (
     MANIFEST_FILE,
     MODELS_DIR,
     POLARITIES,
+    RULES_FEATURE_NAMES,
     ClassifierTier,
     Embedder,
     Heads,
     load_artefact,
+    rules_features,
     sha256_file,
 )
-from services.detector.training import DATA_DIR, DataError, TrainConfig, load_split, train
+from services.detector.tiers.rules import RulesTier
+from services.detector.training import (
+    DATA_DIR,
+    INT8_MAX_CONFIDENCE_GAP,
+    DataError,
+    TrainConfig,
+    load_split,
+    train,
+)
 from services.events.schemas import FeedbackCategory, Polarity, SatRubric
 
 ANSWER = "To reverse a list without changing it, use slicing: `reversed_copy = my_list[::-1]`."
@@ -117,9 +127,12 @@ def test_a_batch_keeps_its_order_and_matches_one_by_one(tier: ClassifierTier) ->
     batch = tier.judge([ctx(u) for u in BATCH])
     singles = [one(tier, u) for u in BATCH]
     assert len(batch) == len(BATCH)
+    # fp32 verdicts do not depend on batch-mates; the int8 encoder (on when the manifest's rule
+    # allowed it) moves confidences by up to INT8_MAX_CONFIDENCE_GAP.
+    gap = INT8_MAX_CONFIDENCE_GAP if tier.embedder.quantized else 1e-4
     for b, s in zip(batch, singles, strict=True):
         assert (b.sat, b.dsat, b.category) == (s.sat, s.dsat, s.category)
-        assert b.confidence == pytest.approx(s.confidence, abs=1e-4)
+        assert b.confidence == pytest.approx(s.confidence, abs=gap)
     reversed_batch = tier.judge([ctx(u) for u in reversed(BATCH)])
     assert [v.polarity for v in reversed_batch] == [v.polarity for v in reversed(batch)]
 
@@ -169,12 +182,51 @@ def test_an_empty_turn_is_neutral_with_no_confidence(tier: ClassifierTier) -> No
 def test_rubrics_always_agree_with_the_polarity_head(tier: ClassifierTier) -> None:
     contexts = [ctx(u) for u in BATCH + ODD[2:]]
     verdicts = tier.judge(contexts)
-    features = tier.embedder.features(contexts, tier.text)
+    features = tier.features(contexts)
     heads_choice = tier.heads.polarity_probs(features).argmax(axis=1)
     for v, k in zip(verdicts, heads_choice, strict=True):
         assert v.polarity is POLARITIES[int(k)]
         if v.polarity is Polarity.NEUTRAL:
             assert not v.sat and not v.dsat
+
+
+# --- stacking: the rules tier's verdict as features ---------------------------------------
+
+
+class _FixedRules:
+    """A stand-in rules tier that calls every turn strongly SAT (Gratitude, positive)."""
+
+    name = "rules"
+    version = "fixed"
+
+    def judge(self, contexts: list[TurnContext]) -> list[Verdict]:
+        return [
+            Verdict(frozenset({SatRubric.GRATITUDE}), frozenset(), FeedbackCategory.POSITIVE, 0.95)
+            for _ in contexts
+        ]
+
+
+def test_stacked_features_are_the_rules_tiers_verdict(
+    tier: ClassifierTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The packaged heads stack the rules tier's verdict (see the manifest), computed by
+    ``rules_features`` from a real ``RulesTier``; a rules verdict of strong SAT moves the
+    classifier towards SAT on a turn the rules otherwise call NEUTRAL."""
+    if not tier.text.stack_rules:
+        pytest.skip("the packaged artefact does not stack the rules features")
+    assert isinstance(tier.rules, RulesTier)
+    contexts = [ctx(u) for u in BATCH]
+    stacked = tier.features(contexts)[:, -len(RULES_FEATURE_NAMES) :]
+    expected = rules_features(RulesTier(), contexts, tier.text.rules_scale)
+    np.testing.assert_array_equal(stacked, expected)
+
+    question = [ctx("what about tuples?")]
+    assert RulesTier().judge(question)[0].polarity is Polarity.NEUTRAL
+    sat = POLARITIES.index(Polarity.SAT)
+    before = tier.heads.polarity_probs(tier.features(question))[0, sat]
+    monkeypatch.setattr(tier, "rules", _FixedRules())
+    after = tier.heads.polarity_probs(tier.features(question))[0, sat]
+    assert after > before + 0.1
 
 
 # --- the decision rule, on hand-made heads --------------------------------------------------
@@ -251,6 +303,7 @@ def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: 
         seed=manifest["training"]["seed"],
         feature_sets=(manifest["text"]["feature_set"],),
         c_grid=(manifest["training"]["C"],),
+        rules_scales=(manifest["text"]["rules_scale"] if manifest["text"]["stack_rules"] else 0.0,),
         max_length=manifest["text"]["max_length"],
         check_int8=False,
         baseline=False,
