@@ -163,6 +163,15 @@ class DetectorSettings(BaseModel):
     llm_structured_output: bool = Field(
         default=True, description="Ask for JSON-schema output (vLLM guided decoding)."
     )
+    llm_max_output_tokens: int = Field(default=400, ge=16)
+    llm_max_context_chars: int = Field(
+        default=8000, ge=200, description="Conversation text sent to the judge, at most."
+    )
+    llm_domain_and_intent: bool = Field(
+        default=True,
+        description="Keep the paper prompt's domain/intent questions (~800 more prompt "
+        "tokens); turn off for judges with a short context window.",
+    )
     consumer_group: str = "wildloop-detector"
     batch_size: int = Field(default=256, ge=1, description="Turns judged together.")
     missing_context_wait_s: float = Field(

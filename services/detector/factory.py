@@ -48,6 +48,9 @@ def build_tier(name: str, cfg: DetectorSettings) -> Tier:
             concurrency=cfg.llm_concurrency,
             structured_output=cfg.llm_structured_output,
             history_messages=cfg.history_messages,
+            max_output_tokens=cfg.llm_max_output_tokens,
+            max_context_chars=cfg.llm_max_context_chars,
+            domain_and_intent=cfg.llm_domain_and_intent,
         )
     raise DetectorConfigError(f"unknown tier {name!r}; choose from {', '.join(TIER_NAMES)}")
 
