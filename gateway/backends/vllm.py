@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -122,10 +122,11 @@ class VllmBackend:
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
         """Deltas, then one ``StreamEnd`` with the token counts of the final usage chunk.
 
-        The SSE lines are read raw (``with_streaming_response``) and decoded with ``json``: the
-        SDK's typed chunk objects cost ~90 us each (``construct_type``), the raw path ~5 us,
-        and this loop runs once per generated token. Closing this iterator early closes the
-        HTTP response, and vLLM aborts the request.
+        The SSE body is read as raw bytes (``with_streaming_response``), split into lines here
+        and decoded with ``json``: the SDK's typed chunks cost ~90 us each (``construct_type``)
+        and its text line iterator most of the rest of the ~0.3 ms per token we measured, and
+        this loop runs once per generated token. Closing this iterator early closes the HTTP
+        response, and vLLM aborts the request.
         """
         finish: FinishReason = "stop"
         prompt_tokens = completion_tokens = 0
@@ -135,11 +136,8 @@ class VllmBackend:
                 stream=True,
                 stream_options={"include_usage": True},
             ) as response:
-                async for line in response.iter_lines():
-                    if not line.startswith("data:"):
-                        continue  # blank separators, SSE comments
-                    data = line[5:].strip()
-                    if data == "[DONE]":
+                async for data in _sse_data(response.http_response.aiter_bytes()):
+                    if data == b"[DONE]":
                         continue  # read on to the end, so the connection can be reused
                     chunk = json.loads(data)
                     if "error" in chunk:  # vLLM reports a mid-stream failure as an event
@@ -257,6 +255,20 @@ class VllmBackend:
             return await self._http.post(path, json=payload)
         except httpx.HTTPError as err:
             raise _transport_error(err) from err
+
+
+async def _sse_data(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The payloads of the ``data:`` lines of an SSE byte stream (comments and blank
+    separators skipped), however the bytes are split into pieces."""
+    pending = b""
+    async for piece in pieces:
+        pending += piece
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    if pending.startswith(b"data:"):
+        yield pending[5:].strip()
 
 
 def _chunk_error(chunk: dict[str, Any]) -> str:

@@ -175,7 +175,7 @@ def ctx(
     return TurnContext("c-1", kw.pop("turn", 2), user, answer_text, history, **kw)
 
 
-FAILED = Verdict(confidence=0.0, tier="llm")
+FAILED = Verdict(confidence=0.0, tier="llm", failed=True)
 
 
 # --- the prompt ----------------------------------------------------------------------------------

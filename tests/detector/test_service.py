@@ -136,9 +136,11 @@ def publisher(log: EmbeddedEventLog, settings: WildloopSettings) -> Iterator[Eve
     pub.close()
 
 
-def published_labels(log: EventBus, topics: Topics) -> list[TurnLabeled]:
+def published_labels(log: EventBus, topics: Topics, timeout_s: float = 3) -> list[TurnLabeled]:
+    """Everything on the labels topic (a new consumer group; joining one on Kafka takes a few
+    seconds, so give it ``timeout_s``)."""
     sub = log.subscribe([topics.labels], group=f"check-{time.monotonic_ns()}")
-    events = [decode(r.value) for r in settle(sub, timeout_s=3)]
+    events = [decode(r.value) for r in settle(sub, timeout_s=timeout_s)]
     sub.close()
     return [e for e in events if isinstance(e, TurnLabeled)]
 
@@ -349,7 +351,7 @@ def test_on_kafka_and_postgresql_labels_are_stored_once_and_published(
         assert {lb.polarity for lb in labels(store)} == {"DSAT"}
         with store.transaction() as session:
             assert session.scalar(select(func.count()).select_from(TurnLabel)) == 10
-        assert len(published_labels(bus, topics)) == 10
+        assert len(published_labels(bus, topics, timeout_s=30)) == 10
     finally:
         publisher.close()
         bus.close()

@@ -235,3 +235,17 @@ async def test_a_server_that_does_not_answer_times_out(silent_server: str) -> No
         assert time.monotonic() - started < 10
     finally:
         await backend.close()
+
+
+async def test_sse_payloads_are_found_however_the_bytes_are_split() -> None:
+    from gateway.backends.vllm import _sse_data  # noqa: PLC0415 - the stream's line splitter
+
+    body = b'data: {"a":1}\n\n: upstream comment\n\ndata: {"b":"x\\ny"}\r\n\r\ndata: [DONE]\n\n'
+
+    async def pieces(cut: int) -> AsyncIterator[bytes]:
+        yield body[:cut]
+        yield body[cut:]
+
+    for cut in range(len(body) + 1):
+        got = [data async for data in _sse_data(pieces(cut))]
+        assert got == [b'{"a":1}', b'{"b":"x\\ny"}', b"[DONE]"], cut
