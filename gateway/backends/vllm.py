@@ -161,9 +161,15 @@ class VllmBackend:
         yield StreamEnd(finish, prompt_tokens, completion_tokens)
 
     def _params(self, request: GenerationRequest) -> dict[str, Any]:
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
         params: dict[str, Any] = {
             "model": request.adapter or self.base_model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            # The messages travel in ``extra_body`` (merged into the JSON body as is): the SDK
+            # otherwise walks them through its type-annotation transform, ~0.7 ms of CPU per
+            # request for a 4-message chat here, on the gateway's event loop. They are plain
+            # role/content strings, which need no transform.
+            "messages": [],
+            "extra_body": {"messages": messages},
             # Unset means greedy, as in the local backend (vLLM's own default would be 1.0).
             "temperature": request.temperature or 0.0,
         }
