@@ -237,14 +237,18 @@ def _install_routes(app: FastAPI) -> None:
                 headers={"X-Conversation-Id": conversation, "Cache-Control": "no-cache"},
             )
         answered = asyncio.ensure_future(svc.complete(body, key, x_conversation_id, target))
-        while not answered.done():
-            await asyncio.wait({answered}, timeout=DISCONNECT_POLL_S)
-            if not answered.done() and await request.is_disconnected():
-                # Nobody will read the answer: stop generating, log nothing (the user never
-                # saw it, so it is not part of the conversation).
-                answered.cancel()
-                svc.metrics.disconnects.labels("false").inc()
-                return Response(status_code=499)
+        try:
+            while not answered.done():
+                await asyncio.wait({answered}, timeout=DISCONNECT_POLL_S)
+                if not answered.done() and await request.is_disconnected():
+                    # Nobody will read the answer: stop generating, log nothing (the user never
+                    # saw it, so it is not part of the conversation).
+                    answered.cancel()
+                    svc.metrics.disconnects.labels("false").inc()
+                    return Response(status_code=499)
+        except asyncio.CancelledError:  # the server is shutting down under us
+            answered.cancel()
+            raise
         completion, conversation, upstream_ms = answered.result()
         # Like OpenAI's openai-processing-ms: time in the model, so a client can tell the
         # gateway's own share of the latency (bench/gateway.py uses it).

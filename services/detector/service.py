@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from services.bus.ports import EventBus
@@ -149,7 +150,12 @@ class DetectorService:
                 found = self._context(event)
                 if found is not None and found is not _INELIGIBLE:
                     todo.append((event, *found))
-        self._judge(todo)
+        try:
+            self._judge(todo)
+        except Exception:
+            # A tier failed for the whole batch: its turns find no verdict, so they are held
+            # (durably) and judged again when their wait is over; nothing is lost.
+            log.exception("judging a batch failed; its turns are held for a retry")
 
     def after_batch(self) -> None:
         self._judged.clear()  # verdicts of duplicates the worker skipped
@@ -158,30 +164,43 @@ class DetectorService:
     def tick(self) -> None:
         """Label held turns whose wait is over; refresh the rate gauges."""
         self.metrics.export_rates()
-        due = self.store.held_turns_due(detector_version=self.version, now=self.clock())
+        try:
+            due = self.store.held_turns_due(detector_version=self.version, now=self.clock())
+        except OperationalError as exc:  # the store is away; the worker retries its writes
+            log.warning("cannot read held turns", extra={"error": str(exc.orig)})
+            return
         if not due:
             return
         for conversation_id, turn in due:
-            with self.store.transaction() as session:
-                raw = self.store.release_turn(
-                    session,
-                    conversation_id=conversation_id,
-                    turn=turn,
-                    detector_version=self.version,
-                )
-                if raw is None:
-                    continue  # another replica took it
-                event = TurnLogged.model_validate(raw)
-                found = self._context(event)
-                if found is _INELIGIBLE:
-                    continue
-                if found is None:  # still nothing: judge the text alone
-                    found = (self._turn_context(event, None, ()), Remembered("", "", None, None))
-                self._judge([(event, *found)])
-                self._emit(session, event)
-            self._held = max(0, self._held - 1)
+            try:
+                self._label_held(conversation_id, turn)
+            except Exception:
+                # Rolled back: the turn stays held and is tried again on a later tick.
+                log.exception("labelling a held turn failed", extra={"turn": turn})
+                break
         self.metrics.held.set(self._held)
         self.publisher.flush()
+
+    def _label_held(self, conversation_id: str, turn: int) -> None:
+        """Release one held turn and label it, in one transaction."""
+        with self.store.transaction() as session:
+            raw = self.store.release_turn(
+                session,
+                conversation_id=conversation_id,
+                turn=turn,
+                detector_version=self.version,
+            )
+            if raw is None:
+                return  # another replica took it
+            self._held = max(0, self._held - 1)
+            event = TurnLogged.model_validate(raw)
+            found = self._context(event)
+            if found is _INELIGIBLE:
+                return
+            if found is None:  # still nothing: judge the text alone
+                found = (self._turn_context(event, None, ()), Remembered("", "", None, None))
+            self._judge([(event, *found)])
+            self._emit(session, event)
 
     # -- handlers (inside the worker's store transaction) ----------------------------------------
     def on_turn(self, event: TurnLogged, session: Session) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,12 @@ from services.bus.embedded import EmbeddedEventLog
 from services.bus.kafka import KafkaEventBus
 from services.bus.ports import EventBus
 from services.bus.typed import EventPublisher
+from services.detector.cascade import Cascade, Stage
 from services.detector.factory import build_cascade
+from services.detector.judgement import TurnContext, Verdict
 from services.detector.metrics import DetectorMetrics
 from services.detector.service import EXPLICIT_VERSION, build_detector
+from services.detector.tiers.rules import RulesTier
 from services.events.codec import decode
 from services.events.schemas import (
     EventDeadLettered,
@@ -44,10 +47,18 @@ from tests.support.tansu import TansuBroker
 class Detector:
     """One detector replica on ``bus``, run in a thread until ``stop()``."""
 
-    def __init__(self, settings: WildloopSettings, bus: EventBus, store: Store) -> None:
+    def __init__(
+        self,
+        settings: WildloopSettings,
+        bus: EventBus,
+        store: Store,
+        cascade: Cascade | None = None,
+    ) -> None:
         self.metrics = Metrics("detector")
         detector_metrics = DetectorMetrics(self.metrics, window_s=60)
-        cascade = build_cascade(settings.detector, ["rules"], metrics=detector_metrics.cascade)
+        cascade = cascade or build_cascade(
+            settings.detector, ["rules"], metrics=detector_metrics.cascade
+        )
         self.worker, self.service = build_detector(
             settings, bus=bus, store=store, cascade=cascade, metrics=detector_metrics
         )
@@ -300,6 +311,39 @@ def test_odd_text_is_labelled_and_bad_records_are_dead_lettered_with_a_reason(
     sub.close()
     reasons = [d.reason for d in dead if isinstance(d, EventDeadLettered)]
     assert len(reasons) == 2 and all(r.startswith("undecodable") for r in reasons)
+
+
+class BrokenOnce:
+    """The rules tier, except that its first batch raises (a crashed model, say)."""
+
+    name = "rules"
+    version = "1"
+
+    def __init__(self) -> None:
+        self.rules = RulesTier()
+        self.calls = 0
+
+    def judge(self, contexts: Sequence[TurnContext]) -> list[Verdict]:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("tier crashed")
+        return self.rules.judge(contexts)
+
+
+def test_a_tier_that_fails_loses_no_turn_it_is_judged_again_after_the_wait(
+    settings: WildloopSettings, log: EmbeddedEventLog, store: Store, publisher: EventPublisher
+) -> None:
+    chat(publisher, "c10", "Is 7 prime?", "Yes, 7 is prime.", "great, thank you!")
+    tier = BrokenOnce()
+    detector = Detector(settings, log, store, Cascade([Stage(tier, 0.0)]))
+    try:
+        wait_for(lambda: len(labels(store)) == 1)
+    finally:
+        detector.stop()
+
+    (label,) = labels(store)
+    assert (label.turn_index, label.polarity, label.missing_context) == (2, "SAT", False)
+    assert tier.calls >= 2
 
 
 def test_two_replicas_share_the_work_and_label_each_turn_once(
