@@ -72,10 +72,6 @@ def polarity_of(sat: frozenset[SatRubric], dsat: frozenset[DsatRubric]) -> Polar
     return Polarity.NEUTRAL
 
 
-def neutral(tier: str, confidence: float = 0.5) -> Verdict:
-    return Verdict(confidence=confidence, tier=tier)
-
-
 def failure(tier: str) -> Verdict:
     """What a tier answers for a turn it could not judge: the cascade keeps an earlier tier's
     verdict for it, or, if there is none, labels it NEUTRAL with confidence 0."""

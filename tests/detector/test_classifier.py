@@ -177,6 +177,7 @@ def test_an_empty_turn_is_neutral_with_no_confidence(tier: ClassifierTier) -> No
         verdict = one(tier, user)
         assert verdict.polarity is Polarity.NEUTRAL
         assert verdict.confidence == 0.0
+        assert verdict.failed  # so a cascade keeps an earlier tier's verdict for it
 
 
 def test_rubrics_always_agree_with_the_polarity_head(tier: ClassifierTier) -> None:

@@ -96,7 +96,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from services.detector.judgement import TurnContext, Verdict, neutral
+from services.detector.judgement import TurnContext, Verdict, failure
 from services.events.schemas import DsatRubric, FeedbackCategory, Polarity, SatRubric
 
 if TYPE_CHECKING:
@@ -475,7 +475,7 @@ class Heads:
             k = int(choice[i])
             confidence = float(probs[i, k])
             if not np.isfinite(confidence) or not np.all(np.isfinite(rubrics[i])):
-                verdicts.append(neutral(tier, 0.0))
+                verdicts.append(failure(tier))
                 continue
             polarity = POLARITIES[k]
             sat: frozenset[SatRubric] = frozenset()
@@ -668,7 +668,7 @@ class ClassifierTier:
         return cls(embedder, heads, text, version=version, manifest=manifest)
 
     def judge(self, contexts: Sequence[TurnContext]) -> list[Verdict]:
-        verdicts: list[Verdict] = [neutral(self.name, 0.0)] * len(contexts)
+        verdicts: list[Verdict] = [failure(self.name)] * len(contexts)
         usable = [i for i, c in enumerate(contexts) if user_view(c, self.text)]
         if not usable:
             return verdicts
@@ -682,7 +682,7 @@ class ClassifierTier:
                     judged.extend(self._judge([contexts[i]]))
                 except Exception:
                     log.exception("classifier failed on one turn", extra={"turn": contexts[i].turn})
-                    judged.append(neutral(self.name, 0.0))
+                    judged.append(failure(self.name))
         for i, verdict in zip(usable, judged, strict=True):
             verdicts[i] = verdict
         return verdicts
