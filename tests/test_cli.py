@@ -74,6 +74,24 @@ def test_import_then_record_then_export_preserves_the_format(tmp_path: Path) -> 
     assert exported == CONVERSATIONS
 
 
+def test_serve_detector_labels_imported_conversations_and_stops_when_idle(tmp_path: Path) -> None:
+    source = write_lines(tmp_path / "in.jsonl", [json.dumps(c) for c in CONVERSATIONS])
+    assert run(tmp_path, "conversations", "import", "--input", str(source)).returncode == 0
+
+    detected = run(tmp_path, "serve", "detector", "--metrics-port", "0", "--idle-exit", "2")
+    recorded = run(tmp_path, "serve", "recorder", "--metrics-port", "0", "--idle-exit", "1")
+    shown = run(tmp_path, "conversations", "show", "c-1")
+
+    assert detected.returncode == 0, detected.stderr
+    assert "detector stopped: 6 applied" in detected.stderr.replace("\n", " ")
+    assert recorded.returncode == 0, recorded.stderr
+    assert "DSAT" in shown.stdout  # "Wrong, it's 4." after the answer "5"
+    broken = run(
+        tmp_path, "serve", "detector", "--idle-exit", "1", WILDLOOP_DETECTOR__TIERS='["llm"]'
+    )
+    assert broken.returncode == 2 and "WILDLOOP_DETECTOR__LLM_URL" in broken.stderr
+
+
 def test_a_malformed_import_line_is_reported_with_its_number_and_skipped(tmp_path: Path) -> None:
     source = write_lines(
         tmp_path / "in.jsonl",

@@ -92,20 +92,15 @@ def demo(
 
 def _detect(settings: WildloopSettings, bus: EventBus, store: Store) -> None:
     """Run the streaming detector over the log until it is idle (it writes the labels)."""
-    from services.detector.factory import DetectorConfigError, build_cascade  # noqa: PLC0415
-    from services.detector.metrics import DetectorMetrics  # noqa: PLC0415
-    from services.detector.service import build_detector  # noqa: PLC0415
+    from services.detector.factory import DetectorConfigError  # noqa: PLC0415
+    from services.detector.service import open_detector  # noqa: PLC0415
 
-    metrics = DetectorMetrics(Metrics("detector"), window_s=settings.detector.rate_window_s)
     try:
-        cascade = build_cascade(settings.detector, metrics=metrics.cascade)
+        worker, service = open_detector(settings, bus=bus, store=store, metrics=Metrics("detector"))
     except DetectorConfigError as exc:
         fail(str(exc), code=2)
-    worker, service = build_detector(
-        settings, bus=bus, store=store, cascade=cascade, metrics=metrics
-    )
     try:
         worker.run(idle_timeout_s=2.0)
     finally:
         worker.close()
-        service.publisher.close()
+        service.close()

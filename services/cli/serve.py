@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Annotated
 
@@ -13,6 +14,8 @@ import typer
 from services.cli.context import context, err, fail
 from services.metrics import Metrics
 from services.recorder import build_recorder
+from services.settings import WildloopSettings
+from services.worker import ConsumerWorker
 
 app = typer.Typer(help="Run a long-running wildloop service.", no_args_is_help=True)
 log = logging.getLogger("wildloop.serve")
@@ -40,98 +43,102 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-@app.command("recorder")
-def recorder(
-    ctx: typer.Context,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="Port of /metrics (default: WILDLOOP_METRICS_PORT).")
-    ] = None,
-    idle_exit: Annotated[
-        float | None,
-        typer.Option(help="Exit after this many seconds without new events (batch use)."),
-    ] = None,
+MetricsPortOption = Annotated[
+    int | None, typer.Option(help="Port of /metrics (default: WILDLOOP_METRICS_PORT).")
+]
+IdleExitOption = Annotated[
+    float | None,
+    typer.Option(help="Exit after this many seconds without new events (batch use)."),
+]
+
+
+def _run_worker(
+    name: str,
+    settings: WildloopSettings,
+    worker: ConsumerWorker,
+    metrics: Metrics,
+    *,
+    metrics_port: int | None,
+    idle_exit: float | None,
+    resources: list[Callable[[], None]],
+    **started: object,
 ) -> None:
-    """Keep the store in step with the event log (turns, feedback, labels, adapter events)."""
-    cli = context(ctx)
-    settings = cli.settings
-    store = cli.open_store()
-    bus = cli.open_bus()
-    metrics = Metrics("recorder")
+    """Serve /metrics, consume until SIGTERM/SIGINT (or idle), then close the worker and
+    ``resources`` (close callables, in order) and report what was consumed."""
     port = settings.metrics_port if metrics_port is None else metrics_port
     server = metrics.serve(settings.metrics_host, port)
-    worker = build_recorder(settings, bus=bus, store=store, metrics=metrics)
     stop = _stop_on_signals()
     log.info(
-        "recorder started",
-        extra={"bus": settings.bus_backend.value, "metrics_port": server.port},
+        f"{name} started",
+        extra={"bus": settings.bus_backend.value, "metrics_port": server.port, **started},
     )
     try:
         stats = worker.run(stop=stop, idle_timeout_s=idle_exit)
     finally:
         worker.close()
         server.close()
-        bus.close()
-        store.close()
+        for close in resources:
+            close()
     err.print(
-        f"recorder stopped: {stats.applied} applied, {stats.duplicates} duplicate(s), "
+        f"{name} stopped: {stats.applied} applied, {stats.duplicates} duplicate(s), "
         f"{stats.dead_lettered} dead-lettered",
         highlight=False,
+    )
+
+
+@app.command("recorder")
+def recorder(
+    ctx: typer.Context,
+    metrics_port: MetricsPortOption = None,
+    idle_exit: IdleExitOption = None,
+) -> None:
+    """Keep the store in step with the event log (turns, feedback, labels, adapter events)."""
+    cli = context(ctx)
+    store = cli.open_store()
+    bus = cli.open_bus()
+    metrics = Metrics("recorder")
+    worker = build_recorder(cli.settings, bus=bus, store=store, metrics=metrics)
+    _run_worker(
+        "recorder",
+        cli.settings,
+        worker,
+        metrics,
+        metrics_port=metrics_port,
+        idle_exit=idle_exit,
+        resources=[bus.close, store.close],
     )
 
 
 @app.command("detector")
 def detector(
     ctx: typer.Context,
-    metrics_port: Annotated[
-        int | None, typer.Option(help="Port of /metrics (default: WILDLOOP_METRICS_PORT).")
-    ] = None,
-    idle_exit: Annotated[
-        float | None,
-        typer.Option(help="Exit after this many seconds without new events (batch use)."),
-    ] = None,
+    metrics_port: MetricsPortOption = None,
+    idle_exit: IdleExitOption = None,
 ) -> None:
     """Label every user turn of the chat log as SAT/DSAT/MIXED/NEUTRAL, in real time.
 
     Replicas with the same WILDLOOP_DETECTOR__CONSUMER_GROUP share the partitions."""
-    from services.detector.factory import DetectorConfigError, build_cascade  # noqa: PLC0415
-    from services.detector.metrics import DetectorMetrics  # noqa: PLC0415
-    from services.detector.service import build_detector  # noqa: PLC0415
+    from services.detector.factory import DetectorConfigError  # noqa: PLC0415
+    from services.detector.service import open_detector  # noqa: PLC0415
 
     cli = context(ctx)
-    settings = cli.settings
-    metrics = Metrics("detector")
-    detector_metrics = DetectorMetrics(metrics, window_s=settings.detector.rate_window_s)
-    try:
-        cascade = build_cascade(settings.detector, metrics=detector_metrics.cascade)
-    except DetectorConfigError as exc:
-        fail(str(exc), code=2)
     store = cli.open_store()
     bus = cli.open_bus()
-    port = settings.metrics_port if metrics_port is None else metrics_port
-    server = metrics.serve(settings.metrics_host, port)
-    worker, service = build_detector(
-        settings, bus=bus, store=store, cascade=cascade, metrics=detector_metrics
-    )
-    stop = _stop_on_signals()
-    log.info(
-        "detector started",
-        extra={
-            "bus": settings.bus_backend.value,
-            "detector_version": cascade.version,
-            "tiers": cascade.tier_names,
-            "metrics_port": server.port,
-        },
-    )
+    metrics = Metrics("detector")
     try:
-        stats = worker.run(stop=stop, idle_timeout_s=idle_exit)
-    finally:
-        worker.close()
-        service.publisher.close()
-        server.close()
+        worker, service = open_detector(cli.settings, bus=bus, store=store, metrics=metrics)
+    except DetectorConfigError as exc:
         bus.close()
         store.close()
-    err.print(
-        f"detector stopped: {stats.applied} applied, {stats.duplicates} duplicate(s), "
-        f"{stats.dead_lettered} dead-lettered",
-        highlight=False,
+        fail(str(exc), code=2)
+    _run_worker(
+        "detector",
+        cli.settings,
+        worker,
+        metrics,
+        metrics_port=metrics_port,
+        idle_exit=idle_exit,
+        resources=[service.close, bus.close, store.close],
+        detector_version=service.version,
+        tiers=service.cascade.tier_names,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from sqlalchemy.orm import Session
 from services.bus.ports import EventBus
 from services.bus.typed import EventPublisher
 from services.detector.cascade import Cascade
+from services.detector.factory import build_cascade
 from services.detector.judgement import Message, TurnContext, Verdict
 from services.detector.metrics import DetectorMetrics
 from services.events.schemas import (
@@ -48,6 +50,7 @@ from services.events.schemas import (
     TurnLabeled,
     TurnLogged,
 )
+from services.metrics import Metrics
 from services.settings import WildloopSettings
 from services.store.repository import Store
 from services.worker import ConsumerWorker
@@ -135,6 +138,13 @@ class DetectorService:
         self.feedback: OrderedDict[tuple[str, int], FeedbackSubmitted] = OrderedDict()
         self._judged: dict[str, _Judged] = {}  # user-turn event id -> verdict, per batch
         self._held = 0
+        # Held turns are swept a few times per wait, and at least once a second.
+        self._sweep_every_s = min(1.0, self.cfg.missing_context_wait_s / 4)
+        self._next_sweep = 0.0
+
+    def close(self) -> None:
+        """Flush and close the label publisher (the worker closes its own subscription)."""
+        self.publisher.close()
 
     # -- the worker's hooks -----------------------------------------------------------------------
     def before_batch(self, events: list[Event]) -> None:
@@ -162,7 +172,12 @@ class DetectorService:
         self.publisher.flush()
 
     def tick(self) -> None:
-        """Label held turns whose wait is over; refresh the rate gauges."""
+        """Label held turns whose wait is over; refresh the rate gauges. Runs once per poll,
+        so the work is done at most every ``_sweep_every_s``."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self._sweep_every_s
         self.metrics.export_rates()
         try:
             due = self.store.held_turns_due(detector_version=self.version, now=self.clock())
@@ -427,3 +442,14 @@ def build_detector(
         tick=service.tick,
     )
     return worker, service
+
+
+def open_detector(
+    settings: WildloopSettings, *, bus: EventBus, store: Store, metrics: Metrics
+) -> tuple[ConsumerWorker, DetectorService]:
+    """The configured cascade (``settings.detector``) with its metrics, wired into the
+    streaming service, as ``wildloop serve detector`` runs it. Raises ``DetectorConfigError``
+    when the cascade cannot be built as configured."""
+    detector_metrics = DetectorMetrics(metrics, window_s=settings.detector.rate_window_s)
+    cascade = build_cascade(settings.detector, metrics=detector_metrics.cascade)
+    return build_detector(settings, bus=bus, store=store, cascade=cascade, metrics=detector_metrics)
