@@ -41,6 +41,8 @@ UNITS = frozenset(
         "pairs",
         "items",
         "celsius",
+        "nats",  # losses and log-ratio rewards (natural-log units)
+        "examples",
     }
 )
 

@@ -188,6 +188,95 @@ class DetectorSettings(BaseModel):
     )
 
 
+class LearnerSettings(BaseModel):
+    """Preference data and LoRA DPO/KTO training (``wildloop learn`` and ``serve learner``).
+
+    Defaults follow WildFeedback appendix C scaled to LoRA (docs/learner.md says why)."""
+
+    # --- which feedback becomes data ------------------------------------------------------------
+    strategy: Literal["natural", "regenerated", "natural+regenerated"] = Field(
+        default="natural+regenerated",
+        description="Where chosen responses come from: the assistant's later answer the user "
+        "accepted (natural), a generator given the user's preferences (regenerated), or natural "
+        "first and regenerated for DSAT turns without an accepted revision.",
+    )
+    detector_version: str | None = Field(
+        default=None,
+        description="Use labels of this detector version only; default: explicit thumbs first, "
+        "else the most confident label of any version.",
+    )
+    min_confidence: float = Field(default=0.6, ge=0.0, le=1.0)
+    accept_final_answer: bool = Field(
+        default=False,
+        description="Count a revision the conversation ends on as accepted (no reaction seen).",
+    )
+    max_pairs_per_user: int = Field(default=8, ge=1, description="Poisoning defence.")
+    max_pairs_per_conversation: int = Field(default=3, ge=1)
+    max_user_share: float = Field(
+        default=0.2,
+        gt=0.0,
+        le=1.0,
+        description="No user contributes more than this share of a batch (once it has at least "
+        "1/share users); caps a flooding user even below max_pairs_per_user.",
+    )
+    near_duplicate_distance: int = Field(
+        default=3, ge=0, le=64, description="SimHash Hamming distance of near-duplicate prompts."
+    )
+    max_prompt_chars: int = Field(default=8000, ge=1)
+    max_response_chars: int = Field(default=4000, ge=1)
+    min_response_chars: int = Field(default=1, ge=1)
+    redact_pii: bool = Field(default=True, description="Mask e-mails, phones, cards, IPs.")
+    kto_balance: bool = Field(default=True, description="Class-balance desirable/undesirable.")
+    # --- regenerated chosen responses (WildFeedback 3.2, A.2/A.3) -------------------------------
+    generator: Literal["policy", "expert"] = Field(
+        default="policy",
+        description="policy: the served model itself (on-policy); expert: generator_url.",
+    )
+    generator_url: str | None = Field(default=None, description="OpenAI-compatible …/v1.")
+    generator_model: str | None = None
+    generator_api_key: str | None = None
+    generator_max_tokens: int = Field(default=256, ge=1)
+    judge_url: str | None = Field(
+        default=None,
+        description="OpenAI-compatible …/v1 of the checklist judge that keeps a regenerated "
+        "response only when it beats the rejected one; unset = regenerated pairs are not built.",
+    )
+    judge_model: str | None = None
+    judge_api_key: str | None = None
+    summarizer: Literal["rubrics", "llm"] = Field(
+        default="rubrics",
+        description="User preferences from the DSAT rubrics and the user's words, or an LLM "
+        "summary with the A.2 prompt (on judge_url).",
+    )
+    # --- training -------------------------------------------------------------------------------
+    method: Literal["dpo", "kto"] = "dpo"
+    lora_r: int = Field(default=16, ge=1)
+    lora_alpha: int = Field(default=32, ge=1)
+    lora_dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = Field(default_factory=lambda: ["all-linear"])
+    learning_rate: float = Field(default=5e-6, gt=0.0)
+    beta: float = Field(default=0.1, gt=0.0)
+    epochs: float = Field(default=1.0, gt=0.0)
+    batch_size: int = Field(default=4, ge=1)
+    gradient_accumulation_steps: int = Field(default=8, ge=1)
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(default=1024, ge=32)
+    sft_warmup_steps: int = Field(
+        default=0, ge=0, description="SFT steps on chosen responses before DPO (paper recipe)."
+    )
+    gradient_checkpointing: bool = True
+    max_loss: float = Field(
+        default=50.0, gt=0.0, description="A loss above this (or NaN/inf) aborts the run."
+    )
+    seed: int = 0
+    # --- scheduler ------------------------------------------------------------------------------
+    min_new_pairs: int = Field(default=64, ge=1, description="Train once this many are new...")
+    interval_minutes: float = Field(default=60.0, gt=0.0, description="...or this often.")
+    min_pairs: int = Field(default=8, ge=1, description="Never train on fewer pairs than this.")
+    lock_ttl_s: float = Field(default=3600.0, gt=0.0, description="A dead run's lock expires.")
+    poll_s: float = Field(default=30.0, gt=0.0)
+
+
 class WildloopSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="WILDLOOP_",
@@ -223,6 +312,7 @@ class WildloopSettings(BaseSettings):
     embedded_log: EmbeddedLogSettings = Field(default_factory=EmbeddedLogSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     detector: DetectorSettings = Field(default_factory=DetectorSettings)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
 
     # --- models ------------------------------------------------------------------------------
     base_model: str = Field(
@@ -271,6 +361,11 @@ class WildloopSettings(BaseSettings):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url[len(prefix) :]
         return url
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Where trained adapters and their datasets live (shared storage in a cluster)."""
+        return self.data_dir / "adapters"
 
     @property
     def event_log_path(self) -> Path:

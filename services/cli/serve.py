@@ -21,6 +21,7 @@ app = typer.Typer(help="Run a long-running wildloop service.", no_args_is_help=T
 log = logging.getLogger("wildloop.serve")
 
 PLUGIN_GROUP = "wildloop.serve"
+COMMANDS_GROUP = "wildloop.commands"
 
 
 def register_plugins() -> None:
@@ -29,6 +30,13 @@ def register_plugins() -> None:
     they plug themselves in, so dependencies keep pointing inward."""
     for ep in entry_points(group=PLUGIN_GROUP):
         app.command(ep.name)(ep.load())
+
+
+def register_command_groups(root: typer.Typer) -> None:
+    """Add ``wildloop <name> ...`` for every component declaring a typer app in the
+    ``wildloop.commands`` group (e.g. ``wildloop learn``)."""
+    for ep in entry_points(group=COMMANDS_GROUP):
+        root.add_typer(ep.load(), name=ep.name)
 
 
 def _stop_on_signals() -> threading.Event:

@@ -21,29 +21,35 @@ class SlidingRates:
         self.window_s = window_s
         self._now = clock
         self._events: dict[tuple[str, str], deque[tuple[float, bool, bool]]] = {}
+        # Running (SAT, DSAT) counts per key, so reading the rates costs only the expired events.
+        self._counts: dict[tuple[str, str], list[int]] = {}
 
     def add(self, model: str, adapter: str, polarity: Polarity) -> None:
         sat = polarity in (Polarity.SAT, Polarity.MIXED)
         dsat = polarity in (Polarity.DSAT, Polarity.MIXED)
-        self._events.setdefault((model, adapter), deque()).append((self._now(), sat, dsat))
+        key = (model, adapter)
+        self._events.setdefault(key, deque()).append((self._now(), sat, dsat))
+        counts = self._counts.setdefault(key, [0, 0])
+        counts[0] += sat
+        counts[1] += dsat
 
     def rates(self) -> dict[tuple[str, str], tuple[float, float, int]]:
         """(model, adapter) -> (SAT rate, DSAT rate, labels in the window)."""
         horizon = self._now() - self.window_s
         result = {}
         for key, events in list(self._events.items()):
+            counts = self._counts[key]
             while events and events[0][0] < horizon:
-                events.popleft()
+                _, sat, dsat = events.popleft()
+                counts[0] -= sat
+                counts[1] -= dsat
             if not events:
                 del self._events[key]
+                del self._counts[key]
                 result[key] = (0.0, 0.0, 0)
                 continue
             n = len(events)
-            result[key] = (
-                sum(e[1] for e in events) / n,
-                sum(e[2] for e in events) / n,
-                n,
-            )
+            result[key] = (counts[0] / n, counts[1] / n, n)
         return result
 
 

@@ -169,6 +169,7 @@ class DetectorService:
 
     def after_batch(self) -> None:
         self._judged.clear()  # verdicts of duplicates the worker skipped
+        self.metrics.export_rates()  # the gauges follow every batch, not only the sweep
         self.publisher.flush()
 
     def tick(self) -> None:

@@ -151,6 +151,9 @@ class PreferencePair(Base):
     strategy: Mapped[str] = mapped_column(String(32))
     checklist: Mapped[list[str]] = mapped_column(Json, default=list)
     detector_version: Mapped[str] = mapped_column(String(64))
+    tenant_id: Mapped[str | None] = mapped_column(String(128))
+    # Lineage and the example as written to a dataset (learner.records), for rebuilding batches.
+    details: Mapped[dict[str, Any] | None] = mapped_column(Json)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     used_by_run_id: Mapped[str | None] = mapped_column(
         ForeignKey("training_runs.id", ondelete="SET NULL"), index=True
@@ -236,6 +239,16 @@ class DetectorPending(Base):
     event: Mapped[dict[str, Any]] = mapped_column(Json)
     due_at: Mapped[datetime] = mapped_column(index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Lease(Base):
+    """A named lock with an expiry, held by one process at a time (e.g. the learner's run)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime]
 
 
 class ProcessedEvent(Base):

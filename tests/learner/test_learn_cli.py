@@ -1,0 +1,157 @@
+"""``wildloop learn build`` and ``wildloop learn train`` as a user runs them: files in, a dataset
+folder with its manifest out, then an adapter; bad input gets an exit code and a message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from learner.dataset import read_manifest, read_pairs, read_unpaired
+from services.adapters import inspect_adapter
+from tests.cli_helpers import run
+from tests.learner.corpus import CONVERSATIONS, LABELS, write_jsonl
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    return (
+        write_jsonl(tmp_path / "conversations.jsonl", CONVERSATIONS),
+        write_jsonl(tmp_path / "labels.jsonl", LABELS),
+    )
+
+
+def test_build_writes_a_dataset_with_lineage_and_counts(
+    tmp_path: Path, files: tuple[Path, Path]
+) -> None:
+    conversations, labels = files
+    out = tmp_path / "data"
+
+    result = run(
+        tmp_path,
+        "learn", "build",
+        "--conversations", str(conversations),
+        "--labels", str(labels),
+        "--output", str(out),
+        WILDLOOP_LEARNER__MAX_USER_SHARE="1.0",
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(out)
+    assert result.stdout.strip() == manifest.content_hash
+    assert manifest.pairs == 3 and manifest.strategies == {"natural": 3}
+    assert manifest.desirable == manifest.undesirable
+    assert manifest.drops["unsafe_request"] == 1
+    assert manifest.drops["no_generator_or_judge"] == 1  # the unresolved complaint
+    assert {s["conversation_id"] for s in manifest.sources if s["kind"] == "pair"} == {
+        "revision",
+        "two-complaints",
+    }
+    pairs = read_pairs(out)
+    assert all(p.checklist for p in pairs)
+    assert len(read_unpaired(out)) == manifest.unpaired
+    assert "DPO pairs" in result.stderr
+
+
+def test_malformed_lines_are_reported_by_number_and_skipped(
+    tmp_path: Path, files: tuple[Path, Path]
+) -> None:
+    conversations, labels = files
+    with labels.open("a") as fh:
+        fh.write("{not json\n")
+        fh.write(json.dumps({"conversation_id": "x", "turn": -1}) + "\n")
+    out = tmp_path / "data"
+
+    result = run(
+        tmp_path,
+        "learn", "build",
+        "--conversations", str(conversations),
+        "--labels", str(labels),
+        "--output", str(out),
+    )  # fmt: skip
+
+    assert result.returncode == 3
+    n = len(LABELS)
+    assert f"labels.jsonl:{n + 1}: skipped" in result.stderr
+    assert f"labels.jsonl:{n + 2}: skipped" in result.stderr
+    assert read_manifest(out).pairs == 3  # the good lines still count
+
+
+def test_an_existing_dataset_is_only_replaced_when_asked(
+    tmp_path: Path, files: tuple[Path, Path]
+) -> None:
+    conversations, labels = files
+    out = tmp_path / "data"
+    args = ("learn", "build", "--conversations", str(conversations), "--labels", str(labels))
+    assert run(tmp_path, *args, "--output", str(out)).returncode == 0
+
+    again = run(tmp_path, *args, "--output", str(out))
+    assert again.returncode == 2
+    assert "--overwrite" in again.stderr
+    assert run(tmp_path, *args, "--output", str(out), "--overwrite").returncode == 0
+
+    other = tmp_path / "not-a-dataset"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    refused = run(tmp_path, *args, "--output", str(other), "--overwrite")
+    assert refused.returncode == 2
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_missing_input_files_are_a_usage_error(tmp_path: Path) -> None:
+    result = run(
+        tmp_path,
+        "learn", "build",
+        "--conversations", str(tmp_path / "nope.jsonl"),
+        "--labels", str(tmp_path / "nope2.jsonl"),
+        "--output", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "no such file" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_train_turns_a_built_dataset_into_an_adapter(
+    tmp_path: Path, files: tuple[Path, Path], base_model_dir: Path
+) -> None:
+    conversations, labels = files
+    data, adapter = tmp_path / "data", tmp_path / "adapter"
+    env = {
+        "WILDLOOP_BASE_MODEL_PATH": str(base_model_dir),
+        "WILDLOOP_LEARNER__BATCH_SIZE": "2",
+        "WILDLOOP_LEARNER__GRADIENT_ACCUMULATION_STEPS": "1",
+        "WILDLOOP_LEARNER__MAX_LENGTH": "160",
+    }
+    built = run(
+        tmp_path,
+        "learn", "build",
+        "--conversations", str(conversations),
+        "--labels", str(labels),
+        "--output", str(data),
+        **env,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+
+    trained = run(
+        tmp_path,
+        "learn", "train",
+        "--data", str(data),
+        "--method", "dpo",
+        "--output", str(adapter),
+        "--max-steps", "1",
+        timeout=600,
+        **env,
+    )  # fmt: skip
+
+    assert trained.returncode == 0, trained.stderr
+    assert "trained" in trained.stderr and "1 steps" in trained.stderr
+    assert inspect_adapter(adapter).rank == 16
+    assert (adapter / "wildloop-adapter.json").is_file()
+
+    again = run(tmp_path, "learn", "train", "--data", str(data), "--output", str(adapter), **env)
+    assert again.returncode == 2
+    assert "not empty" in again.stderr
+    bad = run(tmp_path, "learn", "train", "--data", str(tmp_path / "none"), "--output", "x", **env)
+    assert bad.returncode == 2
