@@ -14,6 +14,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from learner.training import StepReport
 from services.cli.context import context, err, fail, out
 from services.metrics import Metrics
 from services.models import ModelUnavailableError, ensure_base_model
@@ -21,7 +22,6 @@ from services.settings import WildloopSettings
 
 if TYPE_CHECKING:
     from learner.service import LearnerService
-    from learner.training import StepReport
 
 # The learner's modules (and through them openai, torch, TRL) are imported inside the commands,
 # so that `wildloop` starts fast and works without the `train` extra for everything else.
@@ -46,7 +46,8 @@ def _base_model(settings: WildloopSettings) -> Path:
 
 
 class _Bar:
-    """A rich progress bar fed by the trainer's step reports."""
+    """A rich progress bar fed by the trainer's step reports; it appears with the first report
+    (step 0 = the model is loading), so a cycle with nothing to train prints no bar."""
 
     def __init__(self, label: str) -> None:
         self.progress = Progress(
@@ -58,15 +59,21 @@ class _Bar:
             console=err,
         )
         self.task = self.progress.add_task(label, total=None, status="loading model")
+        self.started = False
 
     def __enter__(self) -> _Bar:
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
+        if self.started:
+            self.progress.stop()
 
     def __call__(self, report: StepReport) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        if report.step == 0:
+            return
         status = []
         if report.loss is not None:
             status.append(f"loss {report.loss:.4f}")
@@ -177,6 +184,7 @@ def train(
         fail(f"{output} exists and is not empty", code=2)
     base = _base_model(settings)
     with _Bar(f"{chosen} training") as bar:
+        bar(StepReport(step=0, max_steps=0, loss=None, reward_margin=None, tokens_per_s=None))
         try:
             manifest = train_adapter(
                 data,

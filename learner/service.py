@@ -233,6 +233,7 @@ class LearnerService:
                 self.store.acquire_lease(LEASE, self.holder, learner.lock_ttl_s)
                 last_renewal[0] = time.monotonic()
 
+        step(StepReport(step=0, max_steps=0, loss=None, reward_margin=None, tokens_per_s=None))
         try:
             data = write_dataset(
                 data_dir,

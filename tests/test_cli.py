@@ -36,7 +36,7 @@ def write_lines(path: Path, lines: list[str]) -> Path:
 def test_help_lists_the_commands(tmp_path: Path) -> None:
     result = run(tmp_path, "--help")
     assert result.returncode == 0
-    for command in ("doctor", "demo", "conversations", "serve", "db"):
+    for command in ("doctor", "demo", "conversations", "serve", "db", "learn"):
         assert command in result.stdout
 
 

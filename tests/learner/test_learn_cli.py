@@ -4,13 +4,15 @@ folder with its manifest out, then an adapter; bad input gets an exit code and a
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from learner.dataset import read_manifest, read_pairs, read_unpaired
 from services.adapters import inspect_adapter
-from tests.cli_helpers import run
+from tests.cli_helpers import run, wildloop_env
 from tests.learner.corpus import CONVERSATIONS, LABELS, write_jsonl
 
 
@@ -155,3 +157,59 @@ def test_train_turns_a_built_dataset_into_an_adapter(
     assert "not empty" in again.stderr
     bad = run(tmp_path, "learn", "train", "--data", str(tmp_path / "none"), "--output", "x", **env)
     assert bad.returncode == 2
+
+
+@pytest.mark.slow
+def test_training_runs_unchanged_under_a_distributed_launch(
+    tmp_path: Path, files: tuple[Path, Path], base_model_dir: Path
+) -> None:
+    # Two DDP processes on CPU (gloo); on GPUs the same command runs under
+    # `accelerate launch --multi_gpu` (docs/learner.md). Rank 0 alone writes the adapter.
+    conversations, labels = files
+    data, adapter = tmp_path / "data", tmp_path / "adapter"
+    env = {
+        "WILDLOOP_BASE_MODEL_PATH": str(base_model_dir),
+        "WILDLOOP_LEARNER__BATCH_SIZE": "1",
+        "WILDLOOP_LEARNER__GRADIENT_ACCUMULATION_STEPS": "1",
+        "WILDLOOP_LEARNER__MAX_LENGTH": "128",
+    }
+    args = ("--conversations", str(conversations), "--labels", str(labels), "--output", str(data))
+    assert run(tmp_path, "learn", "build", *args, **env).returncode == 0
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    result = subprocess.run(
+        [
+            torchrun, "--nproc_per_node", "2", "-m", "services.cli.main",
+            "learn", "train", "--data", str(data), "--output", str(adapter), "--max-steps", "1",
+        ],
+        env=wildloop_env(tmp_path, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((adapter / "wildloop-adapter.json").read_text())
+    assert manifest["metrics"]["world_size"] == 2
+    assert inspect_adapter(adapter).rank == 16
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".adapter")] == []
+
+
+@pytest.mark.slow
+def test_the_main_job_demo_then_learn_run_registers_a_candidate(
+    tmp_path: Path, base_model_dir: Path
+) -> None:
+    # The README's main job on the embedded default, as a new user runs it.
+    env = {"WILDLOOP_BASE_MODEL_PATH": str(base_model_dir)}
+    assert run(tmp_path, "demo", **env).returncode == 0
+
+    first = run(tmp_path, "learn", "run", "--force", "--max-steps", "1", timeout=600, **env)
+
+    assert first.returncode == 0, first.stderr
+    adapter_id = first.stdout.strip()
+    assert adapter_id.startswith("dpo-")
+    assert "registered" in first.stderr
+    assert inspect_adapter(tmp_path / "adapters" / adapter_id).rank == 16
+    again = run(tmp_path, "learn", "run", "--force", "--max-steps", "1", **env)
+    assert again.returncode == 0
+    assert "nothing to train" in again.stderr

@@ -82,7 +82,7 @@ def make_settings(tmp_path: Path, topics: Topics, **learner: Any) -> WildloopSet
     return WildloopSettings(
         data_dir=tmp_path,
         topics=topics,
-        learner=small_training(strategy="natural", min_pairs=2, **learner),
+        learner=small_training(**{"strategy": "natural", "min_pairs": 2, **learner}),
     )
 
 
