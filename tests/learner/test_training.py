@@ -155,3 +155,23 @@ def test_vllm_loads_the_learner_s_adapter_at_run_time(
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"]
+
+
+def test_an_sft_warm_up_trains_the_same_adapter_before_dpo(
+    tmp_path: Path, base_model_dir: Path, dataset_dir: Path
+) -> None:
+    out = tmp_path / "sft-dpo"
+    manifest = train_adapter(
+        dataset_dir,
+        out,
+        settings=small_training(sft_warmup_steps=1),
+        base_model_dir=base_model_dir,
+        base_model_name="SmolLM2-135M-Instruct",
+        method="dpo",
+        run_id="test-sft",
+        max_steps=1,
+    )
+    assert manifest.hyperparameters["sft_warmup_steps"] == 1
+    assert inspect_adapter(out).rank == 8
+    base = logits(base_model_dir, None)
+    assert float((base - logits(base_model_dir, out)).abs().max()) > 1e-3
