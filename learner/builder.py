@@ -26,6 +26,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from learner.checklist import rubric_preferences, summarize_with_llm
 from learner.corpus import LabelledConversation, Signal
@@ -44,12 +45,20 @@ PREFERENCE_SYSTEM_PROMPT = (
 )
 
 
+class _Pending:
+    """A DSAT turn whose chosen response cannot be decided yet (see ``_accepted_revision``)."""
+
+
+PENDING = _Pending()
+
+
 @dataclass
 class Built:
     pairs: list[PreferencePairRecord] = field(default_factory=list)
     unpaired: list[UnpairedRecord] = field(default_factory=list)
     drops: Counter[str] = field(default_factory=Counter)
     judged: Counter[str] = field(default_factory=Counter)  # regenerated: win/loss/tie/failed
+    pending: set[str] = field(default_factory=set)  # conversations to build again later
 
 
 class Regenerator:
@@ -112,8 +121,10 @@ class Builder:
         regenerator: Regenerator | None = None,
         unsafe: Callable[[str], bool] = looks_unsafe,
         redact: Callable[[str], str] | None = redact_pii,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
+        self.now = now
         self.regenerator = regenerator
         self.unsafe = unsafe
         self.redact = redact if settings.redact_pii else None
@@ -197,6 +208,9 @@ class Builder:
             built.drops[f"rejected_{reason}"] += 1
             return
         revision = self._accepted_revision(conv, turn) if self.natural else None
+        if isinstance(revision, _Pending):
+            built.pending.add(conv.conversation_id)  # built again when it has settled
+            return
         last_feedback = revision[1] if revision else turn
         checklist = self._checklist(conv, turn, last_feedback)
         strategy = "natural"
@@ -237,22 +251,38 @@ class Builder:
             )
         )
 
-    def _accepted_revision(self, conv: LabelledConversation, turn: int) -> tuple[int, int] | None:
+    def _accepted_revision(
+        self, conv: LabelledConversation, turn: int
+    ) -> tuple[int, int] | _Pending | None:
         """(assistant index, index of the user turn that accepted it) of the first later answer
-        whose reaction is not DSAT; the user turn is ``len(messages)`` for a final answer."""
+        whose reaction is not DSAT; the user turn is ``len(messages)`` for a final answer.
+
+        ``PENDING`` while a live conversation may still settle it: a reaction not labelled yet,
+        or no reaction yet, before the conversation has been quiet for ``settle_minutes``."""
         messages = conv.messages
+        settled = self._settled(conv)
         for index in range(turn + 1, len(messages)):
             if messages[index][0] != "assistant":
                 continue
             reaction = index + 1
             if reaction >= len(messages):
-                return (index, reaction) if self.settings.accept_final_answer else None
+                if self.settings.accept_final_answer and settled:
+                    return index, reaction
+                return None if settled else PENDING
             signal = conv.signals.get(reaction)
-            if signal is None or signal.confidence < self.settings.min_confidence:
+            if signal is None:
+                return None if settled else PENDING  # its label may be on its way
+            if signal.confidence < self.settings.min_confidence:
                 return None  # no trustworthy reaction: do not guess
             if not signal.is_dsat:
                 return index, reaction
-        return None
+        return None if settled else PENDING
+
+    def _settled(self, conv: LabelledConversation) -> bool:
+        if conv.last_activity is None:  # a file: nothing more will arrive
+            return True
+        quiet = self.now() - conv.last_activity
+        return quiet >= timedelta(minutes=self.settings.settle_minutes)
 
     def _checklist(self, conv: LabelledConversation, first: int, last: int) -> list[str]:
         """Preferences from the DSAT rubrics and words of the user turns ``first``..``last``."""

@@ -89,26 +89,47 @@ class _Bar:
 @app.command("build")
 def build(
     ctx: typer.Context,
-    conversations: Annotated[Path, typer.Option(help="Conversations JSON Lines (FORMATS.md).")],
-    labels: Annotated[Path, typer.Option(help="Turn labels JSON Lines (FORMATS.md).")],
     output: Annotated[Path, typer.Option(help="Dataset folder to write.")],
+    conversations: Annotated[
+        Path | None, typer.Option(help="Conversations JSON Lines (FORMATS.md).")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Turn labels JSON Lines (FORMATS.md).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing dataset folder.")] = False,
 ) -> None:
-    """Build a preference dataset (DPO pairs and KTO examples, with a manifest) from files.
+    """Build a preference dataset (DPO pairs and KTO examples, with a manifest) from files, or,
+    without --conversations/--labels, from every labelled conversation in the store.
 
     A malformed input line is reported with its file and line number and skipped (exit code 3);
     the dataset folder is written whole or not at all."""
     from learner.batch import assemble  # noqa: PLC0415
     from learner.builder import Builder  # noqa: PLC0415
-    from learner.corpus import from_files  # noqa: PLC0415
+    from learner.corpus import FileCorpus, from_files, from_store  # noqa: PLC0415
     from learner.dataset import DatasetError, write_dataset  # noqa: PLC0415
     from learner.factory import LearnerConfigError, build_regenerator  # noqa: PLC0415
 
-    settings = context(ctx).settings
-    for path in (conversations, labels):
-        if not path.is_file():
-            fail(f"no such file: {path}", code=2)
-    corpus = from_files(conversations, labels, detector_version=settings.learner.detector_version)
+    cli = context(ctx)
+    settings = cli.settings
+    version = settings.learner.detector_version
+    if (conversations is None) != (labels is None):
+        fail("give both --conversations and --labels, or neither (build from the store)", code=2)
+    if conversations is not None and labels is not None:
+        for path in (conversations, labels):
+            if not path.is_file():
+                fail(f"no such file: {path}", code=2)
+        corpus = from_files(conversations, labels, detector_version=version)
+        origin = f"files:{conversations.name}+{labels.name}"
+    else:
+        from services.store.learning import LearningStore  # noqa: PLC0415
+
+        store = cli.open_store()
+        try:
+            rows = list(LearningStore(store).conversations())
+        finally:
+            store.close()
+        corpus = FileCorpus(list(from_store(rows, detector_version=version)), [], 0)
+        origin = "store"
     try:
         regenerator = build_regenerator(
             settings,
@@ -124,7 +145,7 @@ def build(
         manifest = write_dataset(
             output,
             batch,
-            origin=f"files:{conversations.name}+{labels.name}",
+            origin=origin,
             settings=settings.learner.model_dump(
                 exclude={"generator_api_key", "judge_api_key"}, mode="json"
             ),
@@ -146,6 +167,11 @@ def build(
     table.add_row("KTO desirable / undesirable", f"{manifest.desirable} / {manifest.undesirable}")
     for reason, n in sorted(manifest.drops.items()):
         table.add_row(f"dropped: {reason}", str(n))
+    if built.pending:
+        table.add_row(
+            "conversations waiting for a complaint's outcome (SETTLE_MINUTES)",
+            str(len(built.pending)),
+        )
     if corpus.unmatched_labels:
         table.add_row("labels without their turn", str(corpus.unmatched_labels))
     err.print(table)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from services.formats import ConversationRecord, LabelRecord, LineError, read_jsonl
@@ -48,6 +49,8 @@ class LabelledConversation:
     signals: dict[int, Signal] = field(default_factory=dict)  # user turn index -> signal
     user_id: str | None = None
     tenant_id: str = "default"
+    # When its last message was logged (live conversations); None for files (complete).
+    last_activity: datetime | None = None
 
     @property
     def user_key(self) -> str:
@@ -103,7 +106,12 @@ def from_store(
             signals=signals,
             user_id=row.user_id,
             tenant_id=row.tenant_id,
+            last_activity=_aware(row.updated_at),
         )
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _with_comment(signal: Signal, comment: str | None) -> Signal:

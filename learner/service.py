@@ -120,11 +120,14 @@ class LearnerService:
         self.train = train
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._watermark: datetime | None = None
+        # Conversations with a DSAT turn not decidable yet; built again on every ingest.
+        self._pending: set[str] = set()
 
     # -- examples --------------------------------------------------------------------------------
     def ingest(self) -> int:
         """Build examples from conversations labelled since the last call; store the new ones."""
-        ids, newest = self.store.labelled_since(self._watermark)
+        fresh, newest = self.store.labelled_since(self._watermark)
+        ids = sorted(set(fresh) | self._pending)
         if not ids:
             return 0
         conversations = from_store(
@@ -139,10 +142,16 @@ class LearnerService:
         self.metrics.count_drops(built.drops)
         for outcome, n in built.judged.items():
             self.metrics.judged.labels(outcome).inc(n)
-        self._watermark = newest
+        self._watermark = newest or self._watermark
+        self._pending = built.pending
         log.info(
             "examples built",
-            extra={"conversations": len(ids), "new": added, "drops": dict(built.drops)},
+            extra={
+                "conversations": len(ids),
+                "new": added,
+                "pending": len(built.pending),
+                "drops": dict(built.drops),
+            },
         )
         return added
 

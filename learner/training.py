@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -190,6 +191,84 @@ def _device() -> tuple[str, Any]:
     return "cpu", torch.float32
 
 
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    """How one optimizer step's examples are split on the device, and whether to checkpoint."""
+
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    gradient_checkpointing: bool
+
+
+def activation_bytes_per_token(model_config: Any) -> int:
+    """Bytes autograd keeps per token of a micro-batch without gradient checkpointing: LoRA on
+    every linear layer of a frozen base, bf16/fp16 autocast, SDPA attention. Per decoder layer
+    8 x intermediate + 20 x hidden + 4 x (K/V width) bytes: the MLP's gate, up, activation and
+    product (2 bytes each), the two RMSNorm inputs kept in float32, the LoRA layers' inputs, q
+    and the attention output, k and v: 101 KiB per token and layer for Qwen2.5-1.5B, where
+    saved-tensor hooks on a one-layer model counted 109 KiB per token, its embedding output,
+    final norm and LM-head input included (docs/benchmarks.md)."""
+    text = model_config
+    if hasattr(text, "get_text_config"):
+        text = text.get_text_config()
+    hidden = int(text.hidden_size)
+    intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    kv_width = int(getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    return int(text.num_hidden_layers) * (8 * intermediate + 20 * hidden + 4 * kv_width)
+
+
+def gpu_batch_plan(
+    method: Method,
+    settings: LearnerSettings,
+    *,
+    bytes_per_token: int | None,
+    available_bytes: int | None,
+) -> BatchPlan:
+    """The GPU's micro-batch, accumulation and checkpointing (settings.gpu_*): the largest
+    divisor of the effective batch within ``gpu_micro_batch_tokens`` and, with checkpointing
+    on ``auto``, within ``available_bytes`` of estimated activations. Without a memory estimate
+    (``None``) ``auto`` keeps ``gradient_checkpointing``."""
+    effective = settings.batch_size * settings.gradient_accumulation_steps
+    sequences = 2 if method == "dpo" else 1  # KTO's KL forward runs without gradients
+    smallest = min(2, effective) if method == "kto" else 1  # KTO's KL term needs 2 per batch
+    divisors = [d for d in range(smallest, effective + 1) if effective % d == 0] or [effective]
+    tokens = sequences * settings.max_length  # per example, at most
+    if settings.gpu_micro_batch_tokens == 0:
+        candidates = [settings.batch_size]
+    else:
+        within = [d for d in divisors if d * tokens <= settings.gpu_micro_batch_tokens]
+        candidates = within or [divisors[0]]
+    mode = settings.gpu_gradient_checkpointing
+    if mode != "auto" or bytes_per_token is None or available_bytes is None:
+        checkpointing = mode == "on" or (mode == "auto" and settings.gradient_checkpointing)
+        batch = candidates[-1]
+    else:
+        fitting = [d for d in candidates if d * tokens * bytes_per_token <= available_bytes]
+        checkpointing = not fitting
+        batch = fitting[-1] if fitting else candidates[-1]
+    return BatchPlan(
+        per_device_batch_size=batch,
+        gradient_accumulation_steps=max(1, effective // batch),
+        gradient_checkpointing=checkpointing,
+    )
+
+
+def _gpu_memory_estimate(model: Any, settings: LearnerSettings) -> tuple[int | None, int | None]:
+    """(activation bytes per token, bytes the activations may fill) for ``gpu_batch_plan``:
+    gpu_memory_fraction of this rank's GPU's free memory, less the weights not on it yet."""
+    import torch  # noqa: PLC0415
+
+    if model is None or not hasattr(model, "config"):
+        return None, None
+    index = int(os.environ.get("LOCAL_RANK", "0"))  # under DDP each rank sizes its own GPU
+    free, _total = torch.cuda.mem_get_info(index)
+    absent = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_cuda)
+    available = int(free * settings.gpu_memory_fraction) - absent
+    return activation_bytes_per_token(model.config), max(0, available)
+
+
 def build_config(
     method: Method,
     settings: LearnerSettings,
@@ -198,23 +277,40 @@ def build_config(
     max_steps: int | None,
     device: str,
     dtype: Any,
+    model: Any = None,
 ) -> Any:
-    """The DPOConfig / KTOConfig of the project's training configuration."""
+    """The DPOConfig / KTOConfig of the project's training configuration.
+
+    On CPU the batch, accumulation and checkpointing are the settings' own. On a GPU they come
+    from ``gpu_batch_plan`` (micro-batches of up to ``gpu_micro_batch_tokens`` tokens, the same
+    effective batch, gradient checkpointing off whenever the activations of a micro-batch fit,
+    estimated from ``model``'s shape and the GPU's free memory)."""
     import torch  # noqa: PLC0415
     from trl import DPOConfig, KTOConfig  # noqa: PLC0415
 
+    if device == "cuda":
+        bytes_per_token, available = _gpu_memory_estimate(model, settings)
+        plan = gpu_batch_plan(
+            method, settings, bytes_per_token=bytes_per_token, available_bytes=available
+        )
+    else:
+        plan = BatchPlan(
+            per_device_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            gradient_checkpointing=settings.gradient_checkpointing,
+        )
     common: dict[str, Any] = {
         "output_dir": str(output_dir),
         "learning_rate": settings.learning_rate,
         "beta": settings.beta,
         "num_train_epochs": settings.epochs,
         "max_steps": max_steps if max_steps is not None else -1,
-        "per_device_train_batch_size": settings.batch_size,
-        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+        "per_device_train_batch_size": plan.per_device_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
         "warmup_steps": settings.warmup_ratio,  # a float in [0, 1) is a ratio (transformers 5)
         "lr_scheduler_type": "cosine",
         "max_length": settings.max_length,
-        "gradient_checkpointing": settings.gradient_checkpointing,
+        "gradient_checkpointing": plan.gradient_checkpointing,
         "bf16": device == "cuda" and dtype == torch.bfloat16,
         "fp16": device == "cuda" and dtype == torch.float16,
         "use_cpu": device == "cpu",
@@ -225,8 +321,10 @@ def build_config(
         "seed": settings.seed,
         "dataloader_num_workers": 0,
         "remove_unused_columns": False,
+        # Every LoRA weight takes part in every step; DDP's unused-parameter search is waste.
+        "ddp_find_unused_parameters": False,
     }
-    if settings.gradient_checkpointing:
+    if plan.gradient_checkpointing:
         common["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if method == "dpo":
         return DPOConfig(**common)
@@ -305,10 +403,16 @@ def train_adapter(
             peft_config = None  # the warmed-up adapter continues
         dataset = Dataset.from_list(rows)
         tokens_per_example = _mean_tokens(tokenizer, rows, method, settings.max_length)
-        examples_per_step = settings.batch_size * settings.gradient_accumulation_steps
         config = build_config(
-            method, settings, work / "trainer", max_steps=max_steps, device=device, dtype=dtype
+            method,
+            settings,
+            work / "trainer",
+            max_steps=max_steps,
+            device=device,
+            dtype=dtype,
+            model=model,
         )
+        examples_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
         trainer_cls = DPOTrainer if method == "dpo" else KTOTrainer
         trainer = trainer_cls(
             model=model,
@@ -318,6 +422,10 @@ def train_adapter(
             peft_config=peft_config,
             callbacks=_trainer_callbacks(settings, on_step, tokens_per_example, examples_per_step),
         )
+        if on_step is not None:  # the caller shows progress; drop transformers' dict printer
+            from transformers import PrinterCallback  # noqa: PLC0415
+
+            trainer.remove_callback(PrinterCallback)
         t0 = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - t0
@@ -327,10 +435,13 @@ def train_adapter(
         if not math.isfinite(loss):
             raise TrainingDivergedError(f"final loss {loss}")
         staged = work / "adapter"
+        # Under DDP every rank trained the same adapter; rank 0 alone writes it.
+        writer = trainer.is_world_process_zero()
         trainer.save_model(str(staged))
-        for stray in ("training_args.bin", "README.md"):
-            (staged / stray).unlink(missing_ok=True)
-        inspect_adapter(staged)  # what vLLM and the gateway will check, checked now
+        if writer:
+            for stray in ("training_args.bin", "README.md"):
+                (staged / stray).unlink(missing_ok=True)
+            inspect_adapter(staged)  # what vLLM and the gateway will check, checked now
         steps = trainer.state.global_step
         metrics = {
             "final_loss": loss,
@@ -338,6 +449,7 @@ def train_adapter(
             "steps": steps,
             "seconds": round(seconds, 3),
             "examples": len(rows),
+            "world_size": trainer.args.world_size,
             "tokens_per_s_estimated": round(
                 steps * examples_per_step * tokens_per_example / seconds, 1
             )
@@ -362,17 +474,23 @@ def train_adapter(
             base_model_hash=file_hash(base_model_dir),
             data_manifest_hash=data_manifest.content_hash,
             data_examples=len(rows),
-            hyperparameters=hyperparameters(settings, method, max_steps),
+            hyperparameters=hyperparameters(settings, method, max_steps)
+            | {  # what ran: on a GPU the split and checkpointing come from gpu_batch_plan
+                "per_device_batch_size": config.per_device_train_batch_size,
+                "gradient_accumulation_steps": config.gradient_accumulation_steps,
+                "gradient_checkpointing": bool(config.gradient_checkpointing),
+            },
             metrics=metrics,
             code_revision=code_revision(),
             started_at=started.isoformat(),
             finished_at=datetime.now(UTC).isoformat(),
             device=device if device == "cpu" else torch.cuda.get_device_name(0),
         )
-        (staged / ADAPTER_MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
-        if output_dir.exists():
-            output_dir.rmdir()  # empty (checked above)
-        staged.rename(output_dir)
+        if writer:
+            (staged / ADAPTER_MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+            if output_dir.exists():
+                output_dir.rmdir()  # empty (checked above)
+            staged.rename(output_dir)
         return manifest
     except TrainingError:
         raise

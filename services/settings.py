@@ -210,6 +210,13 @@ class LearnerSettings(BaseModel):
         default=False,
         description="Count a revision the conversation ends on as accepted (no reaction seen).",
     )
+    settle_minutes: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="A live conversation whose complaint has no decided outcome yet (no labelled "
+        "reaction to the revision) waits this long without new messages before it is judged "
+        "unresolved (and regenerated).",
+    )
     max_pairs_per_user: int = Field(default=8, ge=1, description="Poisoning defence.")
     max_pairs_per_conversation: int = Field(default=3, ge=1)
     max_user_share: float = Field(
@@ -264,7 +271,34 @@ class LearnerSettings(BaseModel):
     sft_warmup_steps: int = Field(
         default=0, ge=0, description="SFT steps on chosen responses before DPO (paper recipe)."
     )
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = Field(
+        default=True,
+        description="Recompute activations in the backward pass (less memory, one more forward). "
+        "Applies on CPU; on a GPU see gpu_gradient_checkpointing.",
+    )
+    gpu_micro_batch_tokens: int = Field(
+        default=16384,
+        ge=0,
+        description="On a GPU: at most this many tokens (max_length x sequences per example, 2 "
+        "for DPO) in one forward/backward micro-batch. The per-device batch is the largest "
+        "divisor of batch_size x gradient_accumulation_steps within it (and within the memory, "
+        "see gpu_gradient_checkpointing); gradient accumulation makes up the rest, so the "
+        "effective batch is unchanged. 0: batch_size and gradient_accumulation_steps as given.",
+    )
+    gpu_gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="On a GPU: auto turns gradient checkpointing off (it costs a recomputed "
+        "forward, a quarter of a DPO step's matmul work) and picks the largest micro-batch "
+        "whose estimated activations fit in gpu_memory_fraction of the GPU's free memory; it "
+        "stays on only when not even the smallest micro-batch fits. on/off force it.",
+    )
+    gpu_memory_fraction: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=1.0,
+        description="Share of the GPU's free memory the weights and a micro-batch's estimated "
+        "activations may fill when gpu_gradient_checkpointing is auto.",
+    )
     max_loss: float = Field(
         default=50.0, gt=0.0, description="A loss above this (or NaN/inf) aborts the run."
     )

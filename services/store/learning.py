@@ -35,6 +35,7 @@ class StoredConversation:
     record: ConversationRecord
     tenant_id: str
     user_id: str | None
+    updated_at: datetime  # when its last message was logged
     labels: list[TurnLabel]
     feedback: list[ExplicitFeedback]
 
@@ -100,6 +101,7 @@ class LearningStore:
                     record=_to_record(conv, turns[conv.id]),
                     tenant_id=conv.tenant_id,
                     user_id=conv.user_id,
+                    updated_at=_aware(conv.updated_at),
                     labels=labels[conv.id],
                     feedback=feedback.get(conv.id, []),
                 )

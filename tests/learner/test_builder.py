@@ -3,6 +3,9 @@ and what is left out (and counted) why."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
 from learner.builder import Builder
 from learner.checklist import SAFETY_PREFERENCE
 from learner.safety import looks_unsafe, redact_pii
@@ -152,3 +155,33 @@ def test_building_twice_gives_the_same_examples_with_the_same_ids() -> None:
 
     assert [p.id for p in first.pairs] == [p.id for p in second.pairs]
     assert [u.id for u in first.unpaired] == [u.id for u in second.unpaired]
+
+
+def test_a_live_complaint_waits_until_its_outcome_is_known_or_the_conversation_settles() -> None:
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    live = conv(
+        "live",
+        ("user", "Name three primes."),
+        ("assistant", "1, 2, 3."),
+        ("user", "1 is not prime."),
+        ("assistant", "2, 3 and 5."),
+    )
+    labels = [label("live", 2, "DSAT", dsat=("Factual_Error",))]
+    settings = LearnerSettings(strategy="natural", settle_minutes=30)
+
+    def at(minutes_quiet: float, lbls: list[dict[str, object]]):  # type: ignore[no-untyped-def]
+        conversation = replace(
+            labelled(live, lbls), last_activity=now - timedelta(minutes=minutes_quiet)
+        )
+        return Builder(settings, now=lambda: now).build([conversation])
+
+    waiting = at(1, labels)  # the user may still react to the revision
+    assert waiting.pairs == [] and waiting.pending == {"live"} and not waiting.drops
+
+    reacted = conv("live", *[(m["role"], m["content"]) for m in live["messages"]], ("user", "ok"))
+    unlabelled = replace(labelled(reacted, labels), last_activity=now)
+    assert Builder(settings, now=lambda: now).build([unlabelled]).pending == {"live"}
+
+    settled = at(31, labels)  # quiet for longer than settle_minutes: unresolved
+    assert settled.pending == set()
+    assert settled.drops["no_accepted_revision"] == 1

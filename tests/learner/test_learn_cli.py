@@ -101,6 +101,20 @@ def test_an_existing_dataset_is_only_replaced_when_asked(
     assert (other / "precious.txt").read_text() == "keep me"
 
 
+def test_half_a_file_pair_is_a_usage_error(tmp_path: Path, files: tuple[Path, Path]) -> None:
+    result = run(
+        tmp_path,
+        "learn",
+        "build",
+        "--conversations",
+        str(files[0]),
+        "--output",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode == 2
+    assert "both --conversations and --labels" in result.stderr
+
+
 def test_missing_input_files_are_a_usage_error(tmp_path: Path) -> None:
     result = run(
         tmp_path,
@@ -202,6 +216,10 @@ def test_the_main_job_demo_then_learn_run_registers_a_candidate(
     # The README's main job on the embedded default, as a new user runs it.
     env = {"WILDLOOP_BASE_MODEL_PATH": str(base_model_dir)}
     assert run(tmp_path, "demo", **env).returncode == 0
+    exported = run(tmp_path, "learn", "build", "--output", str(tmp_path / "from-store"), **env)
+    assert exported.returncode == 0, exported.stderr
+    assert read_manifest(tmp_path / "from-store").origin == "store"
+    assert read_manifest(tmp_path / "from-store").pairs >= 1  # demo-1: wrong capital, fixed
 
     first = run(tmp_path, "learn", "run", "--force", "--max-steps", "1", timeout=600, **env)
 
