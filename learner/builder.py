@@ -145,7 +145,8 @@ class Builder:
             if signal.polarity == "NEUTRAL":
                 continue
             response = turn - 1
-            if response < 1 or messages[response][0] != "assistant" or turn >= len(messages):
+            # turn == len(messages): thumbs on the last answer, with no user message after it.
+            if response < 1 or response >= len(messages) or messages[response][0] != "assistant":
                 built.drops["no_judged_response"] += 1
                 continue
             if signal.confidence < self.settings.min_confidence:
@@ -285,15 +286,17 @@ class Builder:
         return quiet >= timedelta(minutes=self.settings.settle_minutes)
 
     def _checklist(self, conv: LabelledConversation, first: int, last: int) -> list[str]:
-        """Preferences from the DSAT rubrics and words of the user turns ``first``..``last``."""
+        """Preferences from the DSAT rubrics and words (messages and thumbs comments) of the
+        user turns ``first``..``last``."""
         rubrics: list[str] = []
         words: list[str] = []
-        for index in range(first, min(last, len(conv.messages) - 1) + 1):
+        for index in range(first, last + 1):
             signal = conv.signals.get(index)
-            if conv.messages[index][0] != "user" or signal is None or not signal.is_dsat:
+            if signal is None or not signal.is_dsat:
                 continue
             rubrics += signal.dsat
-            words.append(self._clean(conv.messages[index][1]))
+            if index < len(conv.messages) and conv.messages[index][0] == "user":
+                words.append(self._clean(conv.messages[index][1]))
             if signal.comment:
                 words.append(self._clean(signal.comment))
         return rubric_preferences(rubrics, words)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from learner.builder import Builder
 from learner.checklist import SAFETY_PREFERENCE
+from learner.corpus import Signal
 from learner.safety import looks_unsafe, redact_pii
 from services.settings import LearnerSettings
 from tests.learner.corpus import (
@@ -185,3 +186,20 @@ def test_a_live_complaint_waits_until_its_outcome_is_known_or_the_conversation_s
     settled = at(31, labels)  # quiet for longer than settle_minutes: unresolved
     assert settled.pending == set()
     assert settled.drops["no_accepted_revision"] == 1
+
+
+def test_thumbs_down_on_the_last_answer_is_an_undesirable_example_with_its_comment() -> None:
+    chat = conv(
+        "thumbs",
+        ("user", "Give me a title for my essay on bees."),
+        ("assistant", "Bees."),
+    )
+    thumbs = Signal("DSAT", (), ("Negative_Feedback",), 1.0, "explicit", "explicit-1", "too short")
+    conversation = replace(labelled(chat, []), signals={2: thumbs})
+
+    built = Builder(LearnerSettings(strategy="natural")).build([conversation])
+
+    (example,) = built.unpaired
+    assert example.label is False and example.completion[0].content == "Bees."
+    assert any('"too short"' in item for item in example.checklist)
+    assert built.drops["no_accepted_revision"] == 1  # nothing to pair it with (no judge)
