@@ -206,6 +206,11 @@ class LearnerService:
         if not self.store.acquire_lease(LEASE, self.holder, ttl):
             return RunOutcome("busy", examples=len(examples))
         try:
+            # Holding the lease, no other run can be alive: a run still marked running was cut
+            # off (its process died) and is recorded as failed.
+            for run_id in self.store.abandon_running_runs():
+                log.warning("run abandoned by a stopped learner", extra={"run_id": run_id})
+                self.metrics.runs.labels("failed").inc()
             return self._train(batch, max_steps=max_steps, on_step=on_step)
         finally:
             self.store.release_lease(LEASE, self.holder)
@@ -264,8 +269,8 @@ class LearnerService:
                 max_steps=max_steps,
                 on_step=step,
             )
-        except (TrainingError, OSError, ValueError) as exc:
-            error = str(exc)
+        except Exception as exc:  # whatever stopped it, the run is recorded as failed
+            error = str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
             log.error("training run failed", extra={"run_id": run_id, "error": error})
             self.store.finish_run(run_id, status="failed", error=error)
             self.metrics.runs.labels("failed").inc()

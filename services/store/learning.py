@@ -167,6 +167,25 @@ class LearningStore:
         with self.store.transaction() as session:
             session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(**values))
 
+    def abandon_running_runs(self) -> list[str]:
+        """Mark every run still ``running`` as failed (call only while holding the training
+        lease, when none can be alive); returns their ids."""
+        with self.store.transaction() as session:
+            ids = list(
+                session.scalars(select(TrainingRun.id).where(TrainingRun.status == "running"))
+            )
+            if ids:
+                session.execute(
+                    update(TrainingRun)
+                    .where(TrainingRun.id.in_(ids))
+                    .values(
+                        status="failed",
+                        finished_at=utcnow(),
+                        error="abandoned: the learner running it stopped before it finished",
+                    )
+                )
+        return ids
+
     def run(self, run_id: str) -> TrainingRun | None:
         with self.store.transaction() as session:
             return session.get(TrainingRun, run_id)

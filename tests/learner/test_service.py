@@ -263,3 +263,27 @@ def test_learner_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPa
     assert settings.learner.method == "kto"
     assert settings.learner.max_pairs_per_user == 3
     assert LearnerSettings().learning_rate == 5e-6
+
+
+def test_a_run_cut_off_by_a_crash_is_recorded_as_failed_by_the_next_holder(
+    tmp_path: Path,
+    topics: Topics,
+    store: Store,
+    corpus: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+) -> None:
+    record_corpus(store, *corpus)
+    learning = LearningStore(store)
+    learning.start_run(run_id="crashed", method="dpo", base_model="m", hyperparameters={})
+
+    def broken_train(*_: object, **__: object) -> None:
+        raise RuntimeError("out of disk")
+
+    service = service_for(make_settings(tmp_path, topics), store, tmp_path)
+    service.train = broken_train  # type: ignore[assignment]
+    outcome = service.run_once(force=True)
+
+    assert outcome.status == "failed" and "out of disk" in (outcome.error or "")
+    crashed, failed = learning.run("crashed"), learning.run(outcome.run_id or "")
+    assert crashed is not None and crashed.status == "failed" and "abandoned" in crashed.error
+    assert failed is not None and failed.status == "failed"
+    assert learning.acquire_lease(LEASE, "someone-else", ttl_s=60)  # released after the failure
