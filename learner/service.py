@@ -211,6 +211,10 @@ class LearnerService:
             for run_id in self.store.abandon_running_runs():
                 log.warning("run abandoned by a stopped learner", extra={"run_id": run_id})
                 self.metrics.runs.labels("failed").inc()
+            # Read again under the lease: a run that finished meanwhile used some examples.
+            batch = self.batch()
+            if not self._examples(batch):
+                return RunOutcome("skipped")
             return self._train(batch, max_steps=max_steps, on_step=on_step)
         finally:
             self.store.release_lease(LEASE, self.holder)
