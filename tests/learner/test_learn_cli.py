@@ -4,15 +4,19 @@ folder with its manifest out, then an adapter; bad input gets an exit code and a
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from learner.dataset import read_manifest, read_pairs, read_unpaired
 from services.adapters import inspect_adapter
-from tests.cli_helpers import run, wildloop_env
+from tests.cli_helpers import WILDLOOP, run, wildloop_env
 from tests.learner.corpus import CONVERSATIONS, LABELS, write_jsonl
 
 
@@ -231,3 +235,54 @@ def test_the_main_job_demo_then_learn_run_registers_a_candidate(
     again = run(tmp_path, "learn", "run", "--force", "--max-steps", "1", **env)
     assert again.returncode == 0
     assert "nothing to train" in again.stderr
+
+
+@pytest.mark.slow
+def test_serve_learner_trains_a_candidate_serves_metrics_and_stops_on_sigterm(
+    tmp_path: Path, base_model_dir: Path
+) -> None:
+    env = {
+        "WILDLOOP_BASE_MODEL_PATH": str(base_model_dir),
+        "WILDLOOP_LEARNER__POLL_S": "1",
+        "WILDLOOP_LEARNER__MIN_PAIRS": "1",
+        "WILDLOOP_LEARNER__MIN_NEW_PAIRS": "1",
+        "WILDLOOP_LEARNER__GRADIENT_ACCUMULATION_STEPS": "1",
+        "WILDLOOP_LEARNER__MAX_LENGTH": "128",
+    }
+    assert run(tmp_path, "demo", **env).returncode == 0
+    proc = subprocess.Popen(
+        [WILDLOOP, "serve", "learner", "--metrics-port", "0"],
+        env=wildloop_env(tmp_path, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    port = None
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if (found := re.search(r"metrics_port=(\d+)", line)) is not None:
+                port = int(found.group(1))
+            if "candidate registered" in line:
+                break
+        assert port is not None, "".join(lines)
+        assert any("candidate registered" in x for x in lines), "".join(lines)
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert 'wildloop_learner_runs_total{status="succeeded"} 1.0' in metrics
+        assert "wildloop_learner_examples_built_total" in metrics
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    assert "learner stopped" in rest
+    (adapter,) = [p for p in (tmp_path / "adapters").iterdir() if p.name.startswith("dpo-")]
+    assert inspect_adapter(adapter).rank == 16
