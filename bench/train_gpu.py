@@ -77,7 +77,7 @@ import torch
 # root holds learner/ and services/.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from learner.training import Method, _device, build_config
+from learner.training import Method, build_config, lora_config, training_device
 from services.settings import LearnerSettings
 
 Config = Literal["project", "trl"]
@@ -322,7 +322,6 @@ def run_one(
     dtype: Any,
 ) -> Result:
     from datasets import Dataset  # noqa: PLC0415
-    from peft import LoraConfig  # noqa: PLC0415
     from transformers import TrainerCallback  # noqa: PLC0415
     from trl import DPOTrainer, KTOTrainer  # noqa: PLC0415
 
@@ -375,14 +374,7 @@ def run_one(
         }
         examples = config.per_device_train_batch_size * config.gradient_accumulation_steps
         rows = synthetic_rows(method, seq_len, examples * total_steps, seed=seq_len)
-        targets = settings.lora_target_modules
-        peft_config = LoraConfig(
-            r=settings.lora_r,
-            lora_alpha=settings.lora_alpha,
-            lora_dropout=settings.lora_dropout,
-            target_modules=targets[0] if targets == ["all-linear"] else targets,
-            task_type="CAUSAL_LM",
-        )
+        peft_config = lora_config(settings)
         meter = Meter(torch.device(device), lm_head_scores_completions_only(torch.device(device)))
         marks: dict[int, tuple[float, list[float]]] = {}
         timed = {args.warmup_steps, total_steps}
@@ -511,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokenizer saved to {args.export_tokenizer}")
         return 0
 
-    device, dtype = _device()
+    device, dtype = training_device()
     args.model = "smoke" if args.smoke else (args.model or "qwen2.5-1.5b")
     seq_default = "48,96" if args.smoke else "1024,2048"
     seq_lens = [int(s) for s in (args.seq_lens or seq_default).split(",")]

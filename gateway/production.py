@@ -6,9 +6,6 @@ import logging
 import threading
 import time
 
-from sqlalchemy import select
-
-from services.store.models import Adapter
 from services.store.repository import Store
 
 log = logging.getLogger(__name__)
@@ -38,10 +35,5 @@ class ProductionAdapter:
         return self._value
 
     def _read(self) -> str | None:
-        with self.store.transaction() as session:
-            return session.scalar(
-                select(Adapter.id)
-                .where(Adapter.status == "production")
-                .order_by(Adapter.updated_at.desc())
-                .limit(1)
-            )
+        adapter = self.store.production_adapter()
+        return None if adapter is None else adapter.id

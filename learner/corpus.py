@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from services.formats import ConversationRecord, LabelRecord, LineError, read_jsonl
@@ -37,10 +37,6 @@ class Signal:
     def is_dsat(self) -> bool:
         return self.polarity in ("DSAT", "MIXED")
 
-    @property
-    def is_sat(self) -> bool:
-        return self.polarity == "SAT"
-
 
 @dataclass(frozen=True, slots=True)
 class LabelledConversation:
@@ -51,11 +47,6 @@ class LabelledConversation:
     tenant_id: str = "default"
     # When its last message was logged (live conversations); None for files (complete).
     last_activity: datetime | None = None
-
-    @property
-    def user_key(self) -> str:
-        """Whom the per-user caps count: the user id, else the conversation (one user each)."""
-        return self.user_id or f"conversation:{self.conversation_id}"
 
 
 def pick_signal(candidates: list[Signal], detector_version: str | None) -> Signal | None:
@@ -106,12 +97,8 @@ def from_store(
             signals=signals,
             user_id=row.user_id,
             tenant_id=row.tenant_id,
-            last_activity=_aware(row.updated_at),
+            last_activity=row.updated_at,
         )
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _with_comment(signal: Signal, comment: str | None) -> Signal:

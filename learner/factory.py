@@ -50,7 +50,7 @@ def build_regenerator(
             learner.generator_url, learner.generator_model, api_key=learner.generator_api_key
         )
     else:
-        production = store.production_adapter() if store is not None else None
+        production = store.store.production_adapter() if store is not None else None
         if settings.vllm_url:
             name = production.id if production is not None else settings.base_model
             generator = ChatEndpoint(settings.vllm_url, name, api_key=settings.vllm_api_key)

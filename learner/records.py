@@ -68,12 +68,7 @@ class PreferencePairRecord(BaseModel):
     @classmethod
     def build(cls, **fields: Any) -> PreferencePairRecord:
         record = cls(id="", **fields)
-        record.id = content_hash(
-            "pair",
-            [m.model_dump() for m in record.prompt],
-            [m.model_dump() for m in record.chosen],
-            [m.model_dump() for m in record.rejected],
-        )
+        record.id = content_hash("pair", record.trl())
         return record
 
     def trl(self) -> dict[str, Any]:
@@ -97,12 +92,7 @@ class UnpairedRecord(BaseModel):
     @classmethod
     def build(cls, **fields: Any) -> UnpairedRecord:
         record = cls(id="", **fields)
-        record.id = content_hash(
-            "unpaired",
-            [m.model_dump() for m in record.prompt],
-            [m.model_dump() for m in record.completion],
-            record.label,
-        )
+        record.id = content_hash("unpaired", record.trl())
         return record
 
     def trl(self) -> dict[str, Any]:

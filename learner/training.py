@@ -182,7 +182,8 @@ def _trainer_callbacks(
     return [Guard()]
 
 
-def _device() -> tuple[str, Any]:
+def training_device() -> tuple[str, Any]:
+    """("cuda", bfloat16 or float16) on a GPU, else ("cpu", float32)."""
     import torch  # noqa: PLC0415
 
     if torch.cuda.is_available():
@@ -267,6 +268,20 @@ def _gpu_memory_estimate(model: Any, settings: LearnerSettings) -> tuple[int | N
     absent = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_cuda)
     available = int(free * settings.gpu_memory_fraction) - absent
     return activation_bytes_per_token(model.config), max(0, available)
+
+
+def lora_config(settings: LearnerSettings) -> Any:
+    """The PEFT ``LoraConfig`` of the settings (``["all-linear"]`` is PEFT's shorthand)."""
+    from peft import LoraConfig  # noqa: PLC0415
+
+    targets = settings.lora_target_modules
+    return LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
 
 
 def build_config(
@@ -368,24 +383,16 @@ def train_adapter(
 
     import torch  # noqa: PLC0415
     from datasets import Dataset  # noqa: PLC0415
-    from peft import LoraConfig  # noqa: PLC0415
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
     from trl import DPOTrainer, KTOTrainer  # noqa: PLC0415
 
-    device, dtype = _device()
+    device, dtype = training_device()
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
-    targets = settings.lora_target_modules
-    peft_config = LoraConfig(
-        r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        lora_dropout=settings.lora_dropout,
-        target_modules=targets[0] if targets == ["all-linear"] else targets,
-        task_type="CAUSAL_LM",
-    )
+    peft_config = lora_config(settings)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:

@@ -17,6 +17,10 @@ class ChatError(RuntimeError):
     """The endpoint could not be reached, refused the request, or answered nothing."""
 
 
+class ChatRejectedError(ChatError):
+    """The endpoint refused the request itself (HTTP 400/422), e.g. an unsupported option."""
+
+
 class ChatModel(Protocol):
     """Something that answers a chat: a remote endpoint or an in-process model."""
 
@@ -76,6 +80,8 @@ class ChatEndpoint:
             params["response_format"] = response_format
         try:
             response = self._client.chat.completions.create(**params)
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            raise ChatRejectedError(f"{self.name} at {self.base_url} refused: {exc}") from exc
         except openai.APIError as exc:
             raise ChatError(f"{self.name} at {self.base_url}: {type(exc).__name__}: {exc}") from exc
         if not response.choices or response.choices[0].message.content is None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.chat import ChatError, ChatModel
+from services.chat import ChatError, ChatModel, ChatRejectedError
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,7 @@ class ChecklistJudge:
                         "json_schema": {"name": "pairwise_judgement", "schema": self.schema},
                     },
                 )
-            except ChatError as exc:
-                if "BadRequest" not in str(exc) and "Unprocessable" not in str(exc):
-                    raise
+            except ChatRejectedError:
                 log.warning("judge %s rejects structured output; prompting plainly", self.name)
                 self.structured_output = False
         return self.model.complete(messages, max_tokens=self.max_output_tokens, temperature=0.0)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from services.formats import ConversationRecord
 from services.store.models import (
@@ -45,6 +46,21 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+Row = TypeVar("Row", Turn, TurnLabel, ExplicitFeedback)
+
+
+def _by_conversation(
+    session: Session, model: type[Row], ids: list[str], order: Any
+) -> dict[str, list[Row]]:
+    """Rows of ``model`` for the conversations ``ids``, grouped by conversation, in ``order``."""
+    grouped: dict[str, list[Row]] = {}
+    for row in session.scalars(
+        select(model).where(model.conversation_id.in_(ids)).order_by(model.conversation_id, order)
+    ):
+        grouped.setdefault(row.conversation_id, []).append(row)
+    return grouped
+
+
 class LearningStore:
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -75,34 +91,18 @@ class LearningStore:
                 convs = session.scalars(
                     select(Conversation).where(Conversation.id.in_(chunk)).order_by(Conversation.id)
                 ).all()
-                turns: dict[str, list[Turn]] = {c.id: [] for c in convs}
-                for turn in session.scalars(
-                    select(Turn)
-                    .where(Turn.conversation_id.in_(chunk))
-                    .order_by(Turn.conversation_id, Turn.turn_index)
-                ):
-                    turns[turn.conversation_id].append(turn)
-                labels: dict[str, list[TurnLabel]] = {c.id: [] for c in convs}
-                for label in session.scalars(
-                    select(TurnLabel)
-                    .where(TurnLabel.conversation_id.in_(chunk))
-                    .order_by(TurnLabel.conversation_id, TurnLabel.turn_index)
-                ):
-                    labels[label.conversation_id].append(label)
-                feedback: dict[str, list[ExplicitFeedback]] = {c.id: [] for c in convs}
-                for item in session.scalars(
-                    select(ExplicitFeedback)
-                    .where(ExplicitFeedback.conversation_id.in_(chunk))
-                    .order_by(ExplicitFeedback.conversation_id, ExplicitFeedback.occurred_at)
-                ):
-                    feedback.setdefault(item.conversation_id, []).append(item)
+                turns = _by_conversation(session, Turn, chunk, Turn.turn_index)
+                labels = _by_conversation(session, TurnLabel, chunk, TurnLabel.turn_index)
+                feedback = _by_conversation(
+                    session, ExplicitFeedback, chunk, ExplicitFeedback.occurred_at
+                )
             for conv in convs:
                 yield StoredConversation(
-                    record=_to_record(conv, turns[conv.id]),
+                    record=_to_record(conv, turns.get(conv.id, [])),
                     tenant_id=conv.tenant_id,
                     user_id=conv.user_id,
                     updated_at=_aware(conv.updated_at),
-                    labels=labels[conv.id],
+                    labels=labels.get(conv.id, []),
                     feedback=feedback.get(conv.id, []),
                 )
 
@@ -215,19 +215,6 @@ class LearningStore:
                     manifest=manifest,
                 )
             )
-
-    def adapter(self, adapter_id: str) -> Adapter | None:
-        with self.store.transaction() as session:
-            return session.get(Adapter, adapter_id)
-
-    def production_adapter(self) -> Adapter | None:
-        with self.store.transaction() as session:
-            return session.scalars(
-                select(Adapter)
-                .where(Adapter.status == "production")
-                .order_by(Adapter.updated_at.desc())
-                .limit(1)
-            ).first()
 
     # -- leases ----------------------------------------------------------------------------------
     def acquire_lease(self, name: str, holder: str, ttl_s: float) -> bool:

@@ -26,6 +26,7 @@ from services.events.schemas import (
 from services.formats import ConversationRecord, MessageRecord
 from services.store import db
 from services.store.models import (
+    Adapter,
     AdapterEvent,
     Base,
     Conversation,
@@ -400,6 +401,16 @@ class Store:
                     .order_by(ExplicitFeedback.turn_index, ExplicitFeedback.occurred_at)
                 )
             )
+
+    def production_adapter(self) -> Adapter | None:
+        """The adapter in production (the newest promoted one), or None for the base model."""
+        with self._sessions() as session:
+            return session.scalars(
+                select(Adapter)
+                .where(Adapter.status == "production")
+                .order_by(Adapter.updated_at.desc())
+                .limit(1)
+            ).first()
 
     def count_turns(self) -> int:
         with self._sessions() as session:

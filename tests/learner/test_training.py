@@ -25,6 +25,22 @@ pytestmark = pytest.mark.slow
 PROBE = [{"role": "user", "content": "What is the boiling point of water in Fahrenheit?"}]
 
 
+def train(
+    data: Path, out: Path, base_model_dir: Path, method: str, *, steps: int, **settings: object
+):  # type: ignore[no-untyped-def]
+    """``steps`` optimizer steps of the real trainer with the small CPU settings (+ overrides)."""
+    return train_adapter(
+        data,
+        out,
+        settings=small_training(**settings),
+        base_model_dir=base_model_dir,
+        base_model_name="SmolLM2-135M-Instruct",
+        method=method,  # type: ignore[arg-type]
+        run_id=f"test-{out.name}",
+        max_steps=steps,
+    )
+
+
 def logits(model_dir: Path, adapter: Path | None):  # type: ignore[no-untyped-def]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -42,16 +58,7 @@ def dpo_adapter(
     tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, dataset_dir: Path
 ) -> Path:
     out = tmp_path_factory.mktemp("dpo") / "adapter"
-    train_adapter(
-        dataset_dir,
-        out,
-        settings=small_training(),
-        base_model_dir=base_model_dir,
-        base_model_name="SmolLM2-135M-Instruct",
-        method="dpo",
-        run_id="test-dpo",
-        max_steps=3,
-    )
+    train(dataset_dir, out, base_model_dir, "dpo", steps=3)
     return out
 
 
@@ -81,16 +88,7 @@ def test_kto_trains_from_the_unpaired_examples(
     tmp_path: Path, base_model_dir: Path, dataset_dir: Path
 ) -> None:
     out = tmp_path / "kto"
-    manifest = train_adapter(
-        dataset_dir,
-        out,
-        settings=small_training(),
-        base_model_dir=base_model_dir,
-        base_model_name="SmolLM2-135M-Instruct",
-        method="kto",
-        run_id="test-kto",
-        max_steps=2,
-    )
+    manifest = train(dataset_dir, out, base_model_dir, "kto", steps=2)
     assert manifest.method == "kto"
     assert manifest.metrics["steps"] == 2
     assert inspect_adapter(out).rank == 8
@@ -103,16 +101,7 @@ def test_a_run_whose_loss_exceeds_the_bound_aborts_and_leaves_nothing(
 ) -> None:
     out = tmp_path / "diverged"
     with pytest.raises(TrainingDivergedError, match="loss"):
-        train_adapter(
-            dataset_dir,
-            out,
-            settings=small_training(max_loss=1e-6),
-            base_model_dir=base_model_dir,
-            base_model_name="SmolLM2-135M-Instruct",
-            method="dpo",
-            run_id="test-diverged",
-            max_steps=2,
-        )
+        train(dataset_dir, out, base_model_dir, "dpo", steps=2, max_loss=1e-6)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no staging folder left either
 
@@ -125,16 +114,7 @@ def test_a_dataset_whose_files_do_not_match_the_manifest_is_refused(
     with (broken / "pairs.jsonl").open("a") as fh:
         fh.write(json.dumps({"tampered": True}) + "\n")
     with pytest.raises(TrainingError, match="differs from the manifest"):
-        train_adapter(
-            broken,
-            tmp_path / "out",
-            settings=small_training(),
-            base_model_dir=base_model_dir,
-            base_model_name="SmolLM2-135M-Instruct",
-            method="dpo",
-            run_id="test-broken",
-            max_steps=1,
-        )
+        train(broken, tmp_path / "out", base_model_dir, "dpo", steps=1)
 
 
 def test_vllm_loads_the_learner_s_adapter_at_run_time(
@@ -161,16 +141,7 @@ def test_an_sft_warm_up_trains_the_same_adapter_before_dpo(
     tmp_path: Path, base_model_dir: Path, dataset_dir: Path
 ) -> None:
     out = tmp_path / "sft-dpo"
-    manifest = train_adapter(
-        dataset_dir,
-        out,
-        settings=small_training(sft_warmup_steps=1),
-        base_model_dir=base_model_dir,
-        base_model_name="SmolLM2-135M-Instruct",
-        method="dpo",
-        run_id="test-sft",
-        max_steps=1,
-    )
+    manifest = train(dataset_dir, out, base_model_dir, "dpo", steps=1, sft_warmup_steps=1)
     assert manifest.hyperparameters["sft_warmup_steps"] == 1
     assert inspect_adapter(out).rank == 8
     base = logits(base_model_dir, None)
