@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import httpx
 from rich.console import Console
 from rich.table import Table
@@ -65,6 +66,30 @@ PROMPTS = [
 ]
 BASE = "SmolLM2-135M-Instruct"
 console = Console(width=160)
+
+
+# --mix varied: per-request token budgets as multiples of --max-tokens (mean 1), so streams end
+# at different engine steps, as real traffic does. With --mix uniform every stream asks for the
+# same length, vLLM batches them in lockstep, and a whole level's requests end and start again in
+# the same instant: a worst case for any proxy, which meets 32 simultaneous requests at once.
+SPREAD = (0.25, 1.75, 0.625, 1.375, 1.0, 0.4375, 1.5625, 1.0)
+
+
+@dataclass(frozen=True)
+class Mix:
+    max_tokens: int
+    varied: bool
+
+    def tokens(self, i: int) -> int:
+        if not self.varied:
+            return self.max_tokens
+        return max(1, round(self.max_tokens * SPREAD[(i + i // len(SPREAD)) % len(SPREAD)]))
+
+    def describe(self) -> str:
+        if not self.varied:
+            return f"{self.max_tokens} tokens/request"
+        low, high = (round(self.max_tokens * f) for f in (min(SPREAD), max(SPREAD)))
+        return f"{low}-{high} tokens/request, mean {self.max_tokens}"
 
 
 @dataclass
@@ -115,31 +140,36 @@ async def drive(concurrency: int, total: int, one: Callable[[int], Awaitable[Sam
     )
 
 
-def body(i: int, max_tokens: int) -> dict[str, object]:
+def body(i: int, mix: Mix) -> dict[str, object]:
     return {
         "model": BASE,
         "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-        "max_tokens": max_tokens,
+        "max_tokens": mix.tokens(i),
         "temperature": 0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
 
 
-async def read_stream(http: httpx.AsyncClient, path: str, payload: dict[str, object]) -> Sample:
-    """POST a streaming chat request and read it to ``[DONE]``, as an SSE client does."""
+async def read_stream(http: aiohttp.ClientSession, path: str, payload: dict[str, object]) -> Sample:
+    """POST a streaming chat request and read it to ``[DONE]``, as an SSE client does.
+
+    The client is aiohttp (C HTTP parser) and reads raw lines: with ``--pin`` it shares a core
+    with the gateway, and whatever it spends per chunk delays the gateway's next chunk and is
+    counted in *added*. (httpx's pure-Python parser cost more than the gateway itself here.)
+    """
     started = time.perf_counter()
     ttft: float | None = None
     upstream_ms: float | None = None
-    async with http.stream("POST", path, json=payload) as response:
+    async with http.post(path, json=payload) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if line.startswith(": upstream-ms="):
-                upstream_ms = float(line.split("=", 1)[1])
-            elif ttft is None and line.startswith("data: {") and '"content":"' in line:
-                if '"content":""' not in line:
+        async for line in response.content:
+            if line.startswith(b": upstream-ms="):
+                upstream_ms = float(line.split(b"=", 1)[1])
+            elif ttft is None and line.startswith(b"data: {") and b'"content":"' in line:
+                if b'"content":""' not in line:
                     ttft = (time.perf_counter() - started) * 1000
-            elif line == "data: [DONE]":
+            elif line.startswith(b"data: [DONE]"):
                 break
     total = (time.perf_counter() - started) * 1000
     added = total - upstream_ms if upstream_ms is not None else None
@@ -147,7 +177,7 @@ async def read_stream(http: httpx.AsyncClient, path: str, payload: dict[str, obj
 
 
 async def straight_local(
-    model_dir: Path, levels: list[int], per_client: int, max_tokens: int
+    model_dir: Path, levels: list[int], per_client: int, mix: Mix
 ) -> dict[int, Run]:
     from gateway.backends.base import ChatMessage, GenerationRequest, TextDelta  # noqa: PLC0415
     from gateway.backends.local import LocalBackend  # noqa: PLC0415
@@ -158,7 +188,7 @@ async def straight_local(
     async def one(i: int) -> Sample:
         request = GenerationRequest(
             messages=[ChatMessage("user", PROMPTS[i % len(PROMPTS)])],
-            max_tokens=max_tokens,
+            max_tokens=mix.tokens(i),
             temperature=0.0,
         )
         started = time.perf_counter()
@@ -176,19 +206,21 @@ async def straight_local(
         await backend.close()
 
 
-def _client(url: str, key: str | None = None) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+def _client(url: str, key: str | None = None) -> aiohttp.ClientSession:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.AsyncClient(base_url=url, timeout=3600, limits=limits, headers=headers)
+    return aiohttp.ClientSession(
+        base_url=url.rstrip("/") + "/",
+        headers=headers,
+        connector=aiohttp.TCPConnector(limit=256),
+        timeout=aiohttp.ClientTimeout(total=3600),
+    )
 
 
-async def straight_vllm(
-    url: str, levels: list[int], per_client: int, max_tokens: int
-) -> dict[int, Run]:
+async def straight_vllm(url: str, levels: list[int], per_client: int, mix: Mix) -> dict[int, Run]:
     async with _client(url.rstrip("/").removesuffix("/v1")) as http:
 
         async def one(i: int) -> Sample:
-            return await read_stream(http, "/v1/chat/completions", body(i, max_tokens))
+            return await read_stream(http, "v1/chat/completions", body(i, mix))
 
         await drive(1, 2, one)
         return {c: await drive(c, c * per_client, one) for c in levels}
@@ -201,13 +233,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def through_gateway(
-    url: str, key: str, levels: list[int], per_client: int, max_tokens: int, *, pid: int
+    url: str, key: str, levels: list[int], per_client: int, mix: Mix, *, pid: int
 ) -> dict[int, Run]:
     """Like ``straight_*``; also the gateway process's CPU time per request at each level."""
     async with _client(url, key) as http:
 
         async def one(i: int) -> Sample:
-            return await read_stream(http, "/v1/chat/completions", body(i, max_tokens))
+            return await read_stream(http, "v1/chat/completions", body(i, mix))
 
         await drive(1, 2, one)
         runs = {}
@@ -254,15 +286,13 @@ def report(
     straight: dict[int, Run],
     through: dict[int, Run],
     backend: str,
-    max_tokens: int,
+    mix: Mix,
 ) -> None:
     console.print(
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · {os.cpu_count()} CPUs · "
         f"{platform.platform()} · Python {platform.python_version()}"
     )
-    table = Table(
-        title=f"gateway overhead ({backend} backend, streamed, {max_tokens} tokens/request)"
-    )
+    table = Table(title=f"gateway overhead ({backend} backend, streamed, {mix.describe()})")
     for col in (
         "streams",
         "requests",
@@ -307,7 +337,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--levels", default="1,8,32", help="concurrent streams, comma-separated")
     p.add_argument("--per-client", type=int, default=4, help="requests per stream per level")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens per request (the mean)")
+    p.add_argument(
+        "--mix",
+        choices=("uniform", "varied"),
+        default="varied",
+        help="uniform: every request --max-tokens (lockstep streams); varied: 0.25-1.75x of it",
+    )
     p.add_argument(
         "--pin",
         action="store_true",
@@ -323,6 +359,7 @@ def main() -> None:
     )
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
+    mix = Mix(args.max_tokens, args.mix == "varied")
     gateway_cpus: set[int] | None = None
     if args.pin:
         if (os.cpu_count() or 1) < 2:
@@ -350,13 +387,11 @@ def main() -> None:
             os.sched_setaffinity(0, gateway_cpus)  # the client from here on
         if vllm_url:
             console.log(f"straight to vLLM at {vllm_url}")
-            straight = asyncio.run(
-                straight_vllm(vllm_url, levels, args.per_client, args.max_tokens)
-            )
+            straight = asyncio.run(straight_vllm(vllm_url, levels, args.per_client, mix))
         else:
             console.log("straight to the local backend")
             straight = asyncio.run(
-                straight_local(settings.base_model_path, levels, args.per_client, args.max_tokens)
+                straight_local(settings.base_model_path, levels, args.per_client, mix)
             )
         store = Store.open(settings.store_url)
         key, _ = keys.create_key(store, tenant_id="bench")
@@ -371,14 +406,14 @@ def main() -> None:
                     key,
                     levels,
                     args.per_client,
-                    args.max_tokens,
+                    mix,
                     pid=proc.pid,
                 )
             )
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    report(levels, straight, through, "vllm" if vllm_url else "local", args.max_tokens)
+    report(levels, straight, through, "vllm" if vllm_url else "local", mix)
     if args.pin:
         console.print("pinned: model server on CPU 0; gateway and client on CPU 1")
 

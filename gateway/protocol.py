@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -190,3 +191,55 @@ class ErrorResponse(BaseModel):
         return cls(
             error=ErrorBody(message=message, type=type_, code=code, param=param)
         ).model_dump()
+
+
+class ChunkEncoder:
+    """The SSE events of one streamed completion, as bytes, without a model per chunk.
+
+    Every generated token is one ``chat.completion.chunk`` event, so encoding runs once per
+    token for every open stream. Building and dumping a :class:`ChatCompletionChunk` costs
+    ~15 us; this splices the JSON-escaped text into a prefix made once per stream (~1 us). The
+    bytes are exactly ``data: <ChatCompletionChunk(...).model_dump_json()>\\n\\n``
+    (``tests/gateway/test_protocol.py`` checks it), so the model stays the format's definition.
+    """
+
+    __slots__ = ("_content", "_head", "_tail")
+
+    def __init__(self, chunk_id: str, model: str, created: int | None = None) -> None:
+        head = ChatCompletionChunk(id=chunk_id, model=model, created=created or _now(), choices=[])
+        dumped = head.model_dump_json()
+        # {"id":..,"object":..,"created":..,"model":..,"choices":[],"usage":null}
+        cut = dumped.rindex('"choices":[]')
+        self._head = ("data: " + dumped[:cut]).encode()
+        self._content = self._head + b'"choices":[{"index":0,"delta":{"role":null,"content":'
+        self._tail = b'},"finish_reason":null,"logprobs":null}],"usage":null}\n\n'
+
+    def content(self, text: str) -> bytes:
+        """A delta carrying ``text``."""
+        return self._content + _json_string(text) + self._tail
+
+    def role(self) -> bytes:
+        """The first event: the assistant role with empty content."""
+        return self._event([ChunkChoice(delta=Delta(role="assistant", content=""))], None)
+
+    def finish(self, reason: str) -> bytes:
+        return self._event([ChunkChoice(delta=Delta(), finish_reason=reason)], None)
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """The closing usage event (``stream_options.include_usage``), with no choices."""
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+        return self._event([], usage)
+
+    def _event(self, choices: list[ChunkChoice], usage: Usage | None) -> bytes:
+        rest = ChatCompletionChunk(id="", model="", choices=choices, usage=usage).model_dump_json()
+        return self._head + rest[rest.index('"choices":') :].encode() + b"\n\n"
+
+
+def _json_string(text: str) -> bytes:
+    """``text`` as a JSON string literal, UTF-8, as pydantic writes it (no ASCII escaping). A
+    lone surrogate, which pydantic refuses, becomes ``?`` rather than failing the stream."""
+    return json.dumps(text, ensure_ascii=False).encode("utf-8", "replace")

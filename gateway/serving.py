@@ -32,11 +32,9 @@ from gateway.metrics import GatewayMetrics
 from gateway.outbox import Outbox, OutboxFullError
 from gateway.protocol import (
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
-    ChunkChoice,
-    Delta,
+    ChunkEncoder,
     ErrorResponse,
     FeedbackRequest,
     ResponseMessage,
@@ -202,13 +200,13 @@ class ChatService:
         key: KeyInfo,
         conversation_header: str | None,
         target: Target | None = None,
-    ) -> tuple[AsyncIterator[str], str]:
+    ) -> tuple[AsyncIterator[bytes], str]:
         """The SSE body generator and the conversation id (errors raised before streaming)."""
         x = await self._exchange(request, key, conversation_header, target)
         return self._stream(request, x), x.conversation
 
-    async def _stream(self, request: ChatCompletionRequest, x: Exchange) -> AsyncIterator[str]:
-        chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+    async def _stream(self, request: ChatCompletionRequest, x: Exchange) -> AsyncIterator[bytes]:
+        encode = ChunkEncoder(f"chatcmpl-{uuid.uuid4().hex}", x.model)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
         ttft: float | None = None
@@ -217,14 +215,9 @@ class ChatService:
         end: StreamEnd | None = None
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
 
-        def chunk(delta: Delta, finish: str | None = None, usage: Usage | None = None) -> str:
-            choices = [] if usage else [ChunkChoice(delta=delta, finish_reason=finish)]
-            body = ChatCompletionChunk(id=chunk_id, model=x.model, choices=choices, usage=usage)
-            return f"data: {body.model_dump_json()}\n\n"
-
         stream = self.backend.stream(self._generation(request, x.messages, x.target))
         try:
-            yield chunk(Delta(role="assistant", content=""))
+            yield encode.role()
             while True:
                 asked = time.perf_counter()
                 try:
@@ -238,23 +231,27 @@ class ChatService:
                         ttft = (time.perf_counter() - started) * 1000
                         self.metrics.ttft.labels(x.model).observe(ttft / 1000)
                     pieces.append(item.text)
-                    yield chunk(Delta(content=item.text))
+                    yield encode.content(item.text)
                 else:
                     end = item
             if end is None:
                 raise BackendError("the backend's stream ended without a finish")
-            yield chunk(Delta(), end.finish_reason)
+            # The closing events go out in one write (one ASGI message, one socket send): they
+            # are ready together, and at high concurrency every send is queued behind every
+            # other stream's.
+            tail = [encode.finish(end.finish_reason)]
             if include_usage:
-                yield chunk(Delta(), usage=_usage(end.prompt_tokens, end.completion_tokens))
+                tail.append(encode.usage(end.prompt_tokens, end.completion_tokens))
             # An SSE comment (clients skip it): the time spent waiting on the backend, so a
             # client can tell the gateway's own share, like X-Upstream-Ms on plain responses.
-            yield f": upstream-ms={waited * 1000:.3f}\n\n"
-            yield "data: [DONE]\n\n"
+            tail.append(f": upstream-ms={waited * 1000:.3f}\n\n".encode())
+            tail.append(b"data: [DONE]\n\n")
             self.metrics.overhead.labels("true").observe(time.perf_counter() - started - waited)
+            yield b"".join(tail)
         except BackendError as exc:
             err = from_backend(exc)
             body = ErrorResponse.of(err.message, err.type, err.code)
-            yield f"data: {json.dumps(body)}\n\n"
+            yield f"data: {json.dumps(body)}\n\n".encode()
         except (GeneratorExit, asyncio.CancelledError):  # the client went away
             self.metrics.disconnects.labels("true").inc()
             raise
