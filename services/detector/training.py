@@ -7,7 +7,7 @@ user,pair,user+pair`` adds the all-MiniLM-L6-v2 embedding views), and writes
 ``classifier_heads.npz`` + ``classifier_heads.json`` (the manifest: data hashes and sizes, the
 lexicon or the embedding model, seed, the selection grid and the dev metrics) into
 ``services/detector/models/``. The test split is never read: the script refuses any input file
-whose name starts with ``test.``.
+whose name starts with ``test.`` or ``holdout.``.
 
 Why lexical by default
     With the rules' confidence table fitted on the first 716 train turns, the rules are unsure
@@ -164,8 +164,8 @@ class Split:
 
 
 def _refuse_test_split(path: Path) -> None:
-    if path.name.startswith("test."):
-        raise DataError(f"{path}: the test split is held out; train on train, select on dev")
+    if path.name.startswith(("test.", "holdout.")):
+        raise DataError(f"{path}: the test splits are held out; train on train, select on dev")
 
 
 def _describe(path: Path, records: int) -> dict[str, Any]:

@@ -341,10 +341,12 @@ def test_training_refuses_unknown_feature_sets() -> None:
 # --- training -------------------------------------------------------------------------------
 
 
-def test_training_refuses_the_test_split(tmp_path: Path) -> None:
-    conversations, labels = tmp_path / "test.conversations.jsonl", tmp_path / "test.labels.jsonl"
+@pytest.mark.parametrize("split", ["test", "holdout"])
+def test_training_refuses_the_held_out_splits(tmp_path: Path, split: str) -> None:
+    conversations = tmp_path / f"{split}.conversations.jsonl"
+    labels = tmp_path / f"{split}.labels.jsonl"
     with pytest.raises(DataError, match="held out"):
-        load_split("test", conversations, labels)
+        load_split(split, conversations, labels)
 
 
 def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: Path) -> None:
@@ -353,7 +355,7 @@ def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: 
     ``python -m services.detector.training`` and commit the new artefact."""
     packaged_heads, _, manifest = load_artefact(MODELS_DIR)
     for name, info in manifest["training"]["data"].items():
-        assert not name.startswith("test.")
+        assert not name.startswith(("test.", "holdout."))
         assert info["sha256"] == sha256_file(DATA_DIR / name), f"{name} changed since training"
     if tier.embedder is None:  # a lexical artefact: no encoder
         encoder = None

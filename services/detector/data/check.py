@@ -2,7 +2,7 @@
 
 Run: python services/detector/data/check.py   (exit status 0 = all checks passed)
 
-Checks, per split (train, dev, test):
+Checks, per split (train, dev, test, holdout):
 - every line of `<split>.conversations.jsonl` and `<split>.labels.jsonl` parses as the
   FORMATS.md record (roles user/assistant, an optional leading system message);
 - every label points at a user message that follows at least one assistant message, and every
@@ -12,7 +12,8 @@ Checks, per split (train, dev, test):
   iff both are empty); category agrees with polarity (see README.md, "Labelling guidelines");
 - conversation ids are unique across all splits;
 - no user text is reused across the dataset (short stock replies such as "thanks!" at most
-  three times), and no test user turn is a near copy of a train/dev one.
+  three times), and no user turn of a held-out split (test, holdout) is a near copy of a
+  train/dev one or of the other held-out split.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SPLITS = ("train", "dev", "test")
+SPLITS = ("train", "dev", "test", "holdout")
+HELD_OUT = ("test", "holdout")  # evaluated only: no near copies of train/dev allowed
 
 SAT_RUBRICS = (
     "Gratitude",
@@ -69,7 +72,7 @@ LABEL_KEYS = {
     "tier",
 }
 # Dataset-specific floors (README.md): every rubric at least this often per split.
-MIN_RUBRIC = {"train": 4, "dev": 1, "test": 3}
+MIN_RUBRIC = {"train": 4, "dev": 1, "test": 3, "holdout": 3}
 SHORT_TEXT = 20  # user texts up to this length may repeat (at most MAX_SHORT_REPEATS times)
 MAX_SHORT_REPEATS = 3
 NEAR_COPY = 0.8  # Jaccard similarity of word sets that counts as a near copy
@@ -250,17 +253,16 @@ def main() -> int:
         and isinstance(lab.get("turn"), int)
         and lab["turn"] < len(c["messages"])
     ]
-    for lab in per_split["test"]["labels"]:
-        conv = per_split["test"]["convs"].get(lab["conversation_id"])
-        if conv is None or not isinstance(lab.get("turn"), int):
-            continue
-        w = words(conv["messages"][lab["turn"]]["content"])
-        if len(w) < 5:
-            continue
-        for other in train_dev:
-            if len(w & other) / len(w | other) >= NEAR_COPY:
-                errors.append(f"test {lab['conversation_id']}/{lab['turn']}: near copy of train")
-                break
+    held_out = {split: user_words(per_split[split]) for split in HELD_OUT}
+    for split, turns in held_out.items():
+        others = train_dev + [w for o, ws in held_out.items() if o != split for _, w in ws]
+        for where, w in turns:
+            if len(w) < 5:
+                continue
+            for other in others:
+                if len(w & other) / len(w | other) >= NEAR_COPY:
+                    errors.append(f"{split} {where}: near copy of a turn in another split")
+                    break
 
     report(per_split, errors)
     if errors:
@@ -270,6 +272,19 @@ def main() -> int:
         return 1
     sys.stdout.write("\nOK: all checks passed\n")
     return 0
+
+
+def user_words(split: dict[str, Any]) -> list[tuple[str, set[str]]]:
+    """(``conversation/turn``, word set) of every labelled user turn of a split."""
+    out = []
+    for lab in split["labels"]:
+        conv = split["convs"].get(lab["conversation_id"])
+        if conv is None or not isinstance(lab.get("turn"), int):
+            continue
+        if lab["turn"] < len(conv["messages"]):
+            text = conv["messages"][lab["turn"]]["content"]
+            out.append((f"{lab['conversation_id']}/{lab['turn']}", words(text)))
+    return out
 
 
 def report(per_split: dict[str, dict], errors: list[str]) -> None:
