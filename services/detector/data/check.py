@@ -245,14 +245,7 @@ def main() -> int:
         limit = MAX_SHORT_REPEATS if len(text) <= SHORT_TEXT else 1
         if len(where) > limit:
             errors.append(f"user text {text[:40]!r} used {len(where)} times: {', '.join(where)}")
-    train_dev = [
-        words(c["messages"][lab["turn"]]["content"])
-        for split in ("train", "dev")
-        for lab in per_split[split]["labels"]
-        if (c := per_split[split]["convs"].get(lab["conversation_id"]))
-        and isinstance(lab.get("turn"), int)
-        and lab["turn"] < len(c["messages"])
-    ]
+    train_dev = [w for split in ("train", "dev") for _, w in user_words(per_split[split])]
     held_out = {split: user_words(per_split[split]) for split in HELD_OUT}
     for split, turns in held_out.items():
         others = train_dev + [w for o, ws in held_out.items() if o != split for _, w in ws]
