@@ -12,6 +12,8 @@ mix (short chat prompts, greedy, ``stream=true`` with usage, ``--max-tokens`` to
 The gateway's *added latency* is measured per request, paired: the client's wall time to the
 end of the stream minus the time the gateway spent waiting on the backend, which it reports in
 the stream's closing SSE comment (``: upstream-ms=...``; ``X-Upstream-Ms`` on plain responses).
+For vLLM that wait is the time blocked on the server's socket (request sent -> headers, plus
+each wait for the body); the SDK's request building and the parsing of chunks are the gateway's.
 It includes HTTP, JSON, auth, routing, re-encoding every chunk and logging, on both hops, and it
 excludes queueing inside the model (which dominates at 32 streams on a CPU). Every chunk the
 gateway handles while the backend is still generating counts as added, though the client would

@@ -168,12 +168,14 @@ class ChatService:
             )
         except BackendError as exc:
             raise from_backend(exc) from exc
-        upstream_ms = (time.perf_counter() - started) * 1000
+        backend_ms = (time.perf_counter() - started) * 1000
+        # Blocked on the model server, when the backend knows; else the whole backend call.
+        upstream_ms = backend_ms if result.upstream_s is None else result.upstream_s * 1000
         self._log(
             x,
             result.text,
             started_at=started_at,
-            latency_ms=upstream_ms,
+            latency_ms=backend_ms,
             ttft_ms=None,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
@@ -236,6 +238,8 @@ class ChatService:
                     end = item
             if end is None:
                 raise BackendError("the backend's stream ended without a finish")
+            if end.upstream_s is not None:  # the backend's own work is the gateway's time
+                waited = end.upstream_s
             # The closing events go out in one write (one ASGI message, one socket send): they
             # are ready together, and at high concurrency every send is queued behind every
             # other stream's.

@@ -37,6 +37,9 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    # Seconds the backend was blocked on a model server (request sent -> answer received), for
+    # a backend that calls one; None for an in-process model. See ``StreamEnd.upstream_s``.
+    upstream_s: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,11 @@ class StreamEnd:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    # Seconds the backend was blocked on a model server's socket (from the request going out to
+    # the end of the body), for a backend that calls one. Its own work in the gateway's process
+    # (building the request, parsing chunks) is excluded, so the gateway can report the time it
+    # added. None for an in-process model, whose whole time is generation.
+    upstream_s: float | None = field(default=None, compare=False)
 
 
 StreamItem = TextDelta | StreamEnd

@@ -12,6 +12,7 @@ Only the ``openai`` and ``httpx`` packages are needed: no torch.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -79,7 +80,10 @@ class VllmBackend:
             # aiohttp (C HTTP parser) under the SDK instead of its pure-Python default: every
             # streamed token is one HTTP chunk to parse, and this cut the gateway's CPU per
             # 16-token stream from ~12.5 ms to ~8.7 ms (bench/gateway.py, docs/benchmarks.md).
-            http_client=openai.DefaultAioHttpClient(timeout=openai_timeout),
+            http_client=openai.DefaultAioHttpClient(
+                timeout=openai_timeout,
+                event_hooks={"request": [_mark], "response": [_mark]},
+            ),
         )
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=root, headers=headers, timeout=timeout)
@@ -106,10 +110,14 @@ class VllmBackend:
     # --- generation ---------------------------------------------------------------------------
 
     async def complete(self, request: GenerationRequest) -> Completion:
+        marks: list[float] = []
+        token = _MARKS.set(marks)
         try:
             response = await self._openai.chat.completions.create(**self._params(request))
         except openai.APIError as err:
             raise _generation_error(err, request.adapter) from err
+        finally:
+            _MARKS.reset(token)
         choice = response.choices[0]
         usage = response.usage
         return Completion(
@@ -117,6 +125,7 @@ class VllmBackend:
             finish_reason=_finish_reason(choice.finish_reason),
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
+            upstream_s=_between(marks),
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
@@ -130,20 +139,31 @@ class VllmBackend:
         split into lines here and decoded with ``json``: the SDK's typed chunks cost ~90 us each
         and its text line iterator most of the rest of the ~0.3 ms per token we measured.
         Closing this iterator early closes the HTTP response, and vLLM aborts the request.
+
+        The ``StreamEnd`` carries the time spent blocked on vLLM: request sent to response
+        headers (the client's event hooks mark both), plus every wait for the next piece of the
+        body. Building the request and parsing chunks are the gateway's own time.
         """
         finish: FinishReason = "stop"
         prompt_tokens = completion_tokens = 0
         body = self._body(request, stream=True, stream_options={"include_usage": True})
+        marks: list[float] = []
+        wait = _Wait()
         try:
-            sse = await self._openai.post(
-                "/chat/completions",
-                cast_to=object,
-                body=body,
-                stream=True,
-                stream_cls=openai.AsyncStream[object],
-            )
+            token = _MARKS.set(marks)
             try:
-                async for data in _sse_data(sse.response.aiter_bytes()):
+                sse = await self._openai.post(
+                    "/chat/completions",
+                    cast_to=object,
+                    body=body,
+                    stream=True,
+                    stream_cls=openai.AsyncStream[object],
+                )
+            finally:
+                _MARKS.reset(token)
+            wait.seconds = _between(marks) or 0.0
+            try:
+                async for data in _sse_data(sse.response.aiter_bytes(), wait):
                     if data == b"[DONE]":
                         continue  # read on to the end, so the connection can be reused
                     chunk = json.loads(data)
@@ -167,7 +187,7 @@ class VllmBackend:
             raise BackendTimeoutError(f"vLLM did not answer in time: {err!r}") from err
         except (httpx2.HTTPError, httpx.HTTPError, json.JSONDecodeError) as err:
             raise BackendUnavailableError(f"vLLM stream broke off: {err!r}") from err
-        yield StreamEnd(finish, prompt_tokens, completion_tokens)
+        yield StreamEnd(finish, prompt_tokens, completion_tokens, upstream_s=wait.seconds)
 
     def _body(self, request: GenerationRequest, **extra: Any) -> dict[str, Any]:
         """The JSON body of a chat completion request, plain strings and numbers."""
@@ -281,11 +301,52 @@ class VllmBackend:
             raise _transport_error(err) from err
 
 
-async def _sse_data(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+# The request and response event hooks of the client append perf_counter() marks here, for the
+# request that the current task is making (a context variable: concurrent requests each see
+# their own list).
+_MARKS: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "wildloop_vllm_marks", default=None
+)
+
+
+async def _mark(_: object) -> None:
+    marks = _MARKS.get()
+    if marks is not None:
+        marks.append(time.perf_counter())
+
+
+def _between(marks: list[float]) -> float | None:
+    """Request sent -> response headers received, from the two hook marks."""
+    return marks[1] - marks[0] if len(marks) >= 2 else None
+
+
+class _Wait:
+    """Seconds spent blocked on the server so far."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+
+async def _sse_data(
+    pieces: AsyncIterator[bytes], wait: _Wait | None = None
+) -> AsyncIterator[bytes]:
     """The payloads of the ``data:`` lines of an SSE byte stream (comments and blank
-    separators skipped), however the bytes are split into pieces."""
+    separators skipped), however the bytes are split into pieces. ``wait`` adds up the time
+    spent waiting for the pieces."""
     pending = b""
-    async for piece in pieces:
+    clock = time.perf_counter
+    pieces = aiter(pieces)
+    while True:
+        asked = clock()
+        try:
+            piece = await anext(pieces)
+        except StopAsyncIteration:
+            break
+        finally:
+            if wait is not None:
+                wait.seconds += clock() - asked
         pending += piece
         *lines, pending = pending.split(b"\n")
         for line in lines:

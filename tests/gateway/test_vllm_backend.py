@@ -104,12 +104,18 @@ async def test_sampling_parameters_reach_the_server(vllm: VllmBackend) -> None:
 async def test_stream_ends_with_the_usage_of_the_final_chunk(vllm: VllmBackend) -> None:
     whole = await vllm.complete(GREEDY)
 
+    started = time.perf_counter()
     *deltas, end = await collect(vllm.stream(GREEDY))
+    elapsed = time.perf_counter() - started
 
     assert len(deltas) > 1 and all(isinstance(d, TextDelta) for d in deltas)
     assert end == StreamEnd("stop", whole.prompt_tokens, whole.completion_tokens)
     short = await collect(vllm.stream(GenerationRequest(FRANCE, temperature=0.0, max_tokens=3)))
     assert short[-1] == StreamEnd("length", whole.prompt_tokens, 3)
+    # the time blocked on vLLM is reported, and it leaves out the backend's own work
+    assert isinstance(end, StreamEnd) and end.upstream_s is not None
+    assert 0 < end.upstream_s < elapsed
+    assert whole.upstream_s is not None and whole.upstream_s > 0
 
 
 @pytest.mark.slow
@@ -249,3 +255,17 @@ async def test_sse_payloads_are_found_however_the_bytes_are_split() -> None:
     for cut in range(len(body) + 1):
         got = [data async for data in _sse_data(pieces(cut))]
         assert got == [b'{"a":1}', b'{"b":"x\\ny"}', b"[DONE]"], cut
+
+
+async def test_only_time_spent_waiting_for_the_server_counts_as_upstream() -> None:
+    from gateway.backends.vllm import _sse_data, _Wait  # noqa: PLC0415
+
+    async def slow_server() -> AsyncIterator[bytes]:
+        for i in range(3):
+            await asyncio.sleep(0.05)
+            yield f"data: {i}\n\n".encode()
+
+    wait = _Wait()
+    async for _ in _sse_data(slow_server(), wait):
+        time.sleep(0.05)  # the gateway's own work on a chunk: not upstream time
+    assert 0.15 <= wait.seconds < 0.25
