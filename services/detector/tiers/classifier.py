@@ -42,15 +42,15 @@ Decision
     An empty turn gets NEUTRAL with confidence 0 (the cascade then keeps an earlier tier's
     verdict); a batch that fails is retried turn by turn and a failing turn gets the same.
 
-Current artefact (train 1,052 turns, dev 101; numbers in the manifest and the training docstring)
-    ``lexical`` (1,991 words), stacked rules features at scale 0.5, C = 0.5; dev polarity
-    accuracy 0.842, macro-F1 0.855, SAT-present F1 0.912, DSAT-present F1 0.829, rubric
-    micro-F1 0.598, category accuracy 0.762. In the default cascade it judges the turns the
+Current artefact (train 1,372 turns, dev 101; numbers in the manifest and the training docstring)
+    ``lexical`` (2,941 words), stacked rules features at scale 0.5, C = 2; dev polarity
+    accuracy 0.832, macro-F1 0.843, SAT-present F1 0.907, DSAT-present F1 0.817, rubric
+    micro-F1 0.627, category accuracy 0.762. In the default cascade it judges the turns the
     rules are unsure of (``neutral:none``, ~35-45% of the dataset's turns); on those the rules'
     features are constant, so the words and the context decide. Cascade on dev: SAT-present F1
-    0.896, DSAT-present precision / recall / F1 0.784 / 0.829 / 0.806 (rules alone 0.896 and
-    0.839 / 0.743 / 0.788; the previous artefact, trained on 716 turns: 0.901 and 0.727 / 0.914
-    / 0.810).
+    0.892, DSAT-present precision / recall / F1 0.769 / 0.857 / 0.811 (rules alone 0.896 and
+    0.839 / 0.743 / 0.788; the previous artefact, trained on 1,052 turns: 0.896 and 0.784 /
+    0.829 / 0.806).
 
 Embedding heads, for reference (previous artefact, train 312 turns)
     Stacked on the rules (``pair`` view, C = 0.5, scale 0.5): dev SAT-present F1 0.896,
