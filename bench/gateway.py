@@ -17,8 +17,15 @@ each wait for the body); the SDK's request building and the parsing of chunks ar
 It includes HTTP, JSON, auth, routing, re-encoding every chunk and logging, on both hops, and it
 excludes queueing inside the model (which dominates at 32 streams on a CPU). Every chunk the
 gateway handles while the backend is still generating counts as added, though the client would
-not wait for it: the figure is an upper bound. Straight and through throughputs (completed
-streams per second) are printed side by side.
+not wait for it: the figure is an upper bound (*all work*).
+
+The *critical path* figure subtracts instead the span from the gateway's backend request going
+out to the backend's last piece coming in (``: upstream-span-ms=...``): what is left is the
+request's way in (HTTP, auth, validation, building the backend request) and the last chunk's
+way out (relay, closing events, the client reading them), the delay a user sees at the end of an
+answer. The per-chunk work in between overlaps generation and is not counted, so a gateway that
+fell behind its backend would show it only in the *all work* figure and in TTFT. Straight and
+through throughputs (completed streams per second) are printed side by side.
 """
 
 from __future__ import annotations
@@ -99,6 +106,7 @@ class Run:
     latencies_ms: list[float]
     ttfts_ms: list[float]
     added_ms: list[float]
+    critical_ms: list[float]
     seconds: float
     cpu_ms_per_request: float | None = None
 
@@ -112,6 +120,7 @@ class Sample:
     latency_ms: float
     ttft_ms: float
     added_ms: float | None = None
+    critical_ms: float | None = None
 
 
 def pct(values: list[float], q: float) -> float:
@@ -138,6 +147,7 @@ async def drive(concurrency: int, total: int, one: Callable[[int], Awaitable[Sam
         [x.latency_ms for x in samples],
         [x.ttft_ms for x in samples],
         [x.added_ms for x in samples if x.added_ms is not None],
+        [x.critical_ms for x in samples if x.critical_ms is not None],
         time.perf_counter() - started,
     )
 
@@ -163,11 +173,14 @@ async def read_stream(http: aiohttp.ClientSession, path: str, payload: dict[str,
     started = time.perf_counter()
     ttft: float | None = None
     upstream_ms: float | None = None
+    span_ms: float | None = None
     async with http.post(path, json=payload) as response:
         response.raise_for_status()
         async for line in response.content:
             if line.startswith(b": upstream-ms="):
                 upstream_ms = float(line.split(b"=", 1)[1])
+            elif line.startswith(b": upstream-span-ms="):
+                span_ms = float(line.split(b"=", 1)[1])
             elif ttft is None and line.startswith(b"data: {") and b'"content":"' in line:
                 if b'"content":""' not in line:
                     ttft = (time.perf_counter() - started) * 1000
@@ -175,7 +188,8 @@ async def read_stream(http: aiohttp.ClientSession, path: str, payload: dict[str,
                 break
     total = (time.perf_counter() - started) * 1000
     added = total - upstream_ms if upstream_ms is not None else None
-    return Sample(total, ttft if ttft is not None else total, added)
+    critical = total - span_ms if span_ms is not None else None
+    return Sample(total, ttft if ttft is not None else total, added, critical)
 
 
 async def straight_local(
@@ -302,8 +316,8 @@ def report(
         "through TTFT p50",
         "straight p50 / p99 ms",
         "through p50 / p99 ms",
-        "added p50 ms",
-        "added p99 ms",
+        "added p50 / p99 ms (all work)",
+        "added p50 / p99 ms (critical path)",
         "straight req/s",
         "through req/s",
         "gateway CPU ms/req",
@@ -318,21 +332,22 @@ def report(
             f"{pct(t.ttfts_ms, 0.5):.1f}",
             f"{pct(s.latencies_ms, 0.5):.1f} / {pct(s.latencies_ms, 0.99):.1f}",
             f"{pct(t.latencies_ms, 0.5):.1f} / {pct(t.latencies_ms, 0.99):.1f}",
-            f"{pct(t.added_ms, 0.5):.2f}",
-            f"{pct(t.added_ms, 0.99):.2f}",
+            f"{pct(t.added_ms, 0.5):.2f} / {pct(t.added_ms, 0.99):.2f}",
+            f"{pct(t.critical_ms, 0.5):.2f} / {pct(t.critical_ms, 0.99):.2f}",
             f"{s.throughput:.2f}",
             f"{t.throughput:.2f}",
             f"{t.cpu_ms_per_request:.2f}" if t.cpu_ms_per_request is not None else "-",
         )
     console.print(table)
     top = through[max(levels)]
-    ok50 = pct(top.added_ms, 0.5) <= 2.0
-    ok99 = pct(top.added_ms, 0.99) <= 5.0
-    console.print(
-        f"goal at {max(levels)} streams: added p50 <= 2 ms: "
-        f"{'PASS' if ok50 else 'FAIL'}; added p99 <= 5 ms: {'PASS' if ok99 else 'FAIL'}"
-        f" (mean {statistics.fmean(top.added_ms):.2f} ms)"
-    )
+    for name, values in (("all work", top.added_ms), ("critical path", top.critical_ms)):
+        ok50 = pct(values, 0.5) <= 2.0
+        ok99 = pct(values, 0.99) <= 5.0
+        console.print(
+            f"goal at {max(levels)} streams, added ({name}): p50 <= 2 ms: "
+            f"{'PASS' if ok50 else 'FAIL'}; p99 <= 5 ms: {'PASS' if ok99 else 'FAIL'}"
+            f" (mean {statistics.fmean(values):.2f} ms)"
+        )
 
 
 def main() -> None:

@@ -213,6 +213,7 @@ class ChatService:
         started_at = datetime.now(UTC)
         ttft: float | None = None
         waited = 0.0  # seconds spent waiting on the backend
+        first_ask = last_back = 0.0  # when the first wait began and the last one ended
         pieces: list[str] = []
         end: StreamEnd | None = None
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -222,12 +223,14 @@ class ChatService:
             yield encode.role()
             while True:
                 asked = time.perf_counter()
+                first_ask = first_ask or asked
                 try:
                     item = await anext(stream)
                 except StopAsyncIteration:
                     break
                 finally:
-                    waited += time.perf_counter() - asked
+                    last_back = time.perf_counter()
+                    waited += last_back - asked
                 if isinstance(item, TextDelta):
                     if ttft is None:
                         ttft = (time.perf_counter() - started) * 1000
@@ -240,15 +243,23 @@ class ChatService:
                 raise BackendError("the backend's stream ended without a finish")
             if end.upstream_s is not None:  # the backend's own work is the gateway's time
                 waited = end.upstream_s
+            span = end.upstream_span_s
+            if span is None:
+                span = last_back - first_ask
             # The closing events go out in one write (one ASGI message, one socket send): they
             # are ready together, and at high concurrency every send is queued behind every
             # other stream's.
             tail = [encode.finish(end.finish_reason)]
             if include_usage:
                 tail.append(encode.usage(end.prompt_tokens, end.completion_tokens))
-            # An SSE comment (clients skip it): the time spent waiting on the backend, so a
-            # client can tell the gateway's own share, like X-Upstream-Ms on plain responses.
-            tail.append(f": upstream-ms={waited * 1000:.3f}\n\n".encode())
+            # An SSE comment (clients skip it), so a client can tell the gateway's own share,
+            # like X-Upstream-Ms on plain responses: the time spent waiting on the backend, and
+            # the span from the backend request to its last piece (the gateway's per-chunk work
+            # within it overlaps generation).
+            tail.append(
+                f": upstream-ms={waited * 1000:.3f}\n"
+                f": upstream-span-ms={span * 1000:.3f}\n\n".encode()
+            )
             tail.append(b"data: [DONE]\n\n")
             self.metrics.overhead.labels("true").observe(time.perf_counter() - started - waited)
             yield b"".join(tail)

@@ -61,6 +61,9 @@ class StreamEnd:
     # (building the request, parsing chunks) is excluded, so the gateway can report the time it
     # added. None for an in-process model, whose whole time is generation.
     upstream_s: float | None = field(default=None, compare=False)
+    # Wall seconds from the request going out to the last piece of the answer coming in: the
+    # part of the request's life the gateway spent relaying, with its per-chunk work overlapped.
+    upstream_span_s: float | None = field(default=None, compare=False)
 
 
 StreamItem = TextDelta | StreamEnd

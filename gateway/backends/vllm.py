@@ -142,7 +142,8 @@ class VllmBackend:
 
         The ``StreamEnd`` carries the time spent blocked on vLLM: request sent to response
         headers (the client's event hooks mark both), plus every wait for the next piece of the
-        body. Building the request and parsing chunks are the gateway's own time.
+        body. Building the request and parsing chunks are the gateway's own time. It also
+        carries the span from the request going out to the last piece coming in.
         """
         finish: FinishReason = "stop"
         prompt_tokens = completion_tokens = 0
@@ -187,7 +188,13 @@ class VllmBackend:
             raise BackendTimeoutError(f"vLLM did not answer in time: {err!r}") from err
         except (httpx2.HTTPError, httpx.HTTPError, json.JSONDecodeError) as err:
             raise BackendUnavailableError(f"vLLM stream broke off: {err!r}") from err
-        yield StreamEnd(finish, prompt_tokens, completion_tokens, upstream_s=wait.seconds)
+        yield StreamEnd(
+            finish,
+            prompt_tokens,
+            completion_tokens,
+            upstream_s=wait.seconds,
+            upstream_span_s=wait.last - marks[0] if marks and wait.last else None,
+        )
 
     def _body(self, request: GenerationRequest, **extra: Any) -> dict[str, Any]:
         """The JSON body of a chat completion request, plain strings and numbers."""
@@ -321,12 +328,13 @@ def _between(marks: list[float]) -> float | None:
 
 
 class _Wait:
-    """Seconds spent blocked on the server so far."""
+    """Seconds spent blocked on the server so far, and when the last piece came in."""
 
-    __slots__ = ("seconds",)
+    __slots__ = ("last", "seconds")
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.last = 0.0
 
 
 async def _sse_data(
@@ -346,7 +354,8 @@ async def _sse_data(
             break
         finally:
             if wait is not None:
-                wait.seconds += clock() - asked
+                wait.last = clock()
+                wait.seconds += wait.last - asked
         pending += piece
         *lines, pending = pending.split(b"\n")
         for line in lines:

@@ -166,6 +166,35 @@ def test_streaming_matches_the_non_streamed_answer_and_reports_usage(gateway: Ga
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_a_stream_ends_by_telling_how_long_the_gateway_waited_on_the_backend(
+    gateway: Gateway,
+) -> None:
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "stream": True,
+        "max_tokens": 8,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Name three colours."}],
+    }
+    started = time.perf_counter()
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {gateway.chat_key}"},
+        timeout=60,
+    ) as response:
+        lines = [line for line in response.iter_lines() if line]
+    total_ms = (time.perf_counter() - started) * 1000
+    comments = dict(line[2:].split("=") for line in lines if line.startswith(": "))
+    waited, span = float(comments["upstream-ms"]), float(comments["upstream-span-ms"])
+    # SSE comments (which clients skip) after the last chunk, just before the end
+    data = [i for i, line in enumerate(lines) if line.startswith("data: {")]
+    assert lines[-1] == "data: [DONE]"
+    assert all(data[-1] < i < len(lines) - 1 for i, x in enumerate(lines) if x.startswith(": "))
+    assert 0 < waited <= span < total_ms
+
+
 def test_sampling_parameters_pass_through(gateway: Gateway) -> None:
     client = gateway.client()
     short = client.chat.completions.create(
