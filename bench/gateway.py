@@ -225,10 +225,13 @@ async def straight_local(
         await backend.close()
 
 
-def _instant_chunk(delta: dict[str, str] | None, finish: str | None = None) -> bytes:
+def _instant_chunk(
+    delta: dict[str, str] | None, finish: str | None = None, usage: dict[str, int] | None = None
+) -> bytes:
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
     chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": BASE}
-    return b"data: " + json.dumps({**chunk, "choices": choices}).encode() + b"\n\n"
+    extra = {"usage": usage} if usage else {}
+    return b"data: " + json.dumps({**chunk, "choices": choices, **extra}).encode() + b"\n\n"
 
 
 async def _instant_chat(request: web.Request) -> web.StreamResponse:
@@ -240,7 +243,7 @@ async def _instant_chat(request: web.Request) -> web.StreamResponse:
     for i in range(tokens):
         await response.write(_instant_chunk({"content": f" w{i}"}))
     usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": tokens + 8}
-    last = _instant_chunk(None)[:-3] + b', "usage": ' + json.dumps(usage).encode() + b"}\n\n"
+    last = _instant_chunk(None, usage=usage)
     await response.write(_instant_chunk({}, "stop") + last + b"data: [DONE]\n\n")
     await response.write_eof()
     return response

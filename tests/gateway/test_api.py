@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -50,6 +51,22 @@ class Gateway:
 
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=self.chat_key, max_retries=0)
+
+    def raw_stream(self, text: str, max_tokens: int) -> AbstractContextManager[httpx.Response]:
+        """A greedy streamed chat request over plain HTTP, to read the SSE lines as sent."""
+        return httpx.stream(
+            "POST",
+            f"{self.url}/v1/chat/completions",
+            json={
+                "model": "SmolLM2-135M-Instruct",
+                "stream": True,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": text}],
+            },
+            headers={"Authorization": f"Bearer {self.chat_key}"},
+            timeout=60,
+        )
 
     def logged(self) -> list[Event]:
         """Every event the gateway has delivered to the bus so far (waits for the outbox)."""
@@ -169,21 +186,8 @@ def test_streaming_matches_the_non_streamed_answer_and_reports_usage(gateway: Ga
 def test_a_stream_ends_by_telling_how_long_the_gateway_waited_on_the_backend(
     gateway: Gateway,
 ) -> None:
-    body = {
-        "model": "SmolLM2-135M-Instruct",
-        "stream": True,
-        "max_tokens": 8,
-        "temperature": 0,
-        "messages": [{"role": "user", "content": "Name three colours."}],
-    }
     started = time.perf_counter()
-    with httpx.stream(
-        "POST",
-        f"{gateway.url}/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {gateway.chat_key}"},
-        timeout=60,
-    ) as response:
+    with gateway.raw_stream("Name three colours.", max_tokens=8) as response:
         lines = [line for line in response.iter_lines() if line]
     total_ms = (time.perf_counter() - started) * 1000
     comments = dict(line[2:].split("=") for line in lines if line.startswith(": "))
@@ -426,20 +430,7 @@ def test_bad_requests_get_a_clear_openai_error_and_log_nothing(
 def test_a_client_that_disconnects_mid_stream_leaves_a_partial_answer_marked_as_such(
     gateway: Gateway,
 ) -> None:
-    body = {
-        "model": "SmolLM2-135M-Instruct",
-        "stream": True,
-        "max_tokens": 200,
-        "temperature": 0,
-        "messages": [{"role": "user", "content": "Write a long story."}],
-    }
-    with httpx.stream(
-        "POST",
-        f"{gateway.url}/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {gateway.chat_key}"},
-        timeout=60,
-    ) as response:
+    with gateway.raw_stream("Write a long story.", max_tokens=200) as response:
         conversation = response.headers["x-conversation-id"]
         lines = response.iter_lines()
         for line in lines:
