@@ -190,7 +190,9 @@ def table(title: str, results: list[Result]) -> Table:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--split", default="test", choices=["train", "dev", "test", "holdout"])
+    p.add_argument(
+        "--split", default="test", choices=["train", "dev", "test", "holdout", "holdout2"]
+    )
     p.add_argument("--tiers", default="rules,classifier,cascade")
     p.add_argument(
         "--uss", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "uss"

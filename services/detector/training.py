@@ -7,7 +7,7 @@ user,pair,user+pair`` adds the all-MiniLM-L6-v2 embedding views), and writes
 ``classifier_heads.npz`` + ``classifier_heads.json`` (the manifest: data hashes and sizes, the
 lexicon or the embedding model, seed, the selection grid and the dev metrics) into
 ``services/detector/models/``. The test split is never read: the script refuses any input file
-whose name starts with ``test.`` or ``holdout.``.
+whose name starts with ``test.``, ``holdout.`` or ``holdout2.``.
 
 Why lexical by default
     With the rules' confidence table fitted on the first 716 train turns, the rules are unsure
@@ -165,7 +165,7 @@ class Split:
 
 
 def _refuse_test_split(path: Path) -> None:
-    if path.name.startswith(("test.", "holdout.")):
+    if path.name.startswith(("test.", "holdout.", "holdout2.")):
         raise DataError(f"{path}: the test splits are held out; train on train, select on dev")
 
 

@@ -341,7 +341,7 @@ def test_training_refuses_unknown_feature_sets() -> None:
 # --- training -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split", ["test", "holdout"])
+@pytest.mark.parametrize("split", ["test", "holdout", "holdout2"])
 def test_training_refuses_the_held_out_splits(tmp_path: Path, split: str) -> None:
     conversations = tmp_path / f"{split}.conversations.jsonl"
     labels = tmp_path / f"{split}.labels.jsonl"
@@ -355,7 +355,7 @@ def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: 
     ``python -m services.detector.training`` and commit the new artefact."""
     packaged_heads, _, manifest = load_artefact(MODELS_DIR)
     for name, info in manifest["training"]["data"].items():
-        assert not name.startswith(("test.", "holdout."))
+        assert not name.startswith(("test.", "holdout.", "holdout2."))
         assert info["sha256"] == sha256_file(DATA_DIR / name), f"{name} changed since training"
     if tier.embedder is None:  # a lexical artefact: no encoder
         encoder = None

@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "source"
-SPLITS = ("train", "dev", "test", "holdout")
+SPLITS = ("train", "dev", "test", "holdout", "holdout2")
 TAGS = {"S: ": "system", "U: ": "user", "A: ": "assistant", "L: ": "label"}
 
 
@@ -140,7 +140,7 @@ def parse(path: Path) -> list[tuple[dict, list[dict]]]:
 def main() -> int:
     for split in SPLITS:
         pairs: list[tuple[dict, list[dict]]] = []
-        for path in sorted(SOURCE.glob(f"{split}*.txt")):
+        for path in sorted(SOURCE.glob(f"{split}_*.txt")):
             pairs.extend(parse(path))
         with (HERE / f"{split}.conversations.jsonl").open("w", encoding="utf-8") as fh:
             for conv, _ in pairs:
