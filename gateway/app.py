@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.auth import KeyVerifier
 from gateway.backends.base import BackendError, ChatBackend
 from gateway.errors import GatewayError, forbidden, from_backend
-from gateway.identity import ConversationLinker
+from gateway.identity import ConversationLinker, ConversationMemory, SharedMemory
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import Outbox
 from gateway.production import ProductionAdapter
@@ -40,6 +41,7 @@ from gateway.protocol import (
 from gateway.serving import ChatService
 from services.bus.factory import build_bus
 from services.events.schemas import AdapterAction, AdapterLifecycleChanged
+from services.logs import configure_logging
 from services.metrics import Metrics
 from services.settings import WildloopSettings
 from services.store.keys import KeyInfo
@@ -145,6 +147,7 @@ def create_app(
         store = Store.open(settings.store_url)
         bus = build_bus(settings)
         bus.ensure_topics(settings.topics.all())
+        shared = cfg.workers > 1  # several processes on this port share the files below
         outbox = Outbox(
             settings.data_dir / f"gateway-outbox-{cfg.port}.db",
             publisher=bus.publisher(),
@@ -152,7 +155,15 @@ def create_app(
             metrics=metrics,
             max_events=cfg.outbox_max_events,
             batch=cfg.outbox_batch,
+            # the drainer cannot be woken by another process's append: it polls instead
+            idle_wait_s=0.05 if shared else 1.0,
         )
+        memory: ConversationMemory | None = None
+        if shared:
+            memory = SharedMemory(
+                settings.data_dir / f"gateway-conversations-{cfg.port}.db",
+                cfg.history_cache_size,
+            )
         outbox.start()
         chat_backend = backend or default_backend(settings)
         await chat_backend.start()
@@ -165,7 +176,7 @@ def create_app(
             backend=chat_backend,
             outbox=outbox,
             metrics=gw_metrics,
-            linker=ConversationLinker(cfg.history_cache_size),
+            linker=ConversationLinker(cfg.history_cache_size, memory),
             alias=cfg.model_alias,
             production_adapter=ProductionAdapter(store, refresh_s=cfg.production_refresh_s),
         )
@@ -178,6 +189,8 @@ def create_app(
         finally:
             await chat_backend.close()
             outbox.close()
+            if isinstance(memory, SharedMemory):
+                memory.close()
             bus.close()
             store.close()
 
@@ -186,6 +199,18 @@ def create_app(
     _install_error_handlers(app)
     _install_routes(app)
     return app
+
+
+WORKER_SETTINGS_ENV = "WILDLOOP_GATEWAY_WORKER_SETTINGS"
+
+
+def worker_app() -> FastAPI:
+    """The app of one of several gateway processes (``wildloop serve gateway --workers N``;
+    uvicorn calls this factory in each worker): the settings are the parent's, passed as JSON
+    in ``WILDLOOP_GATEWAY_WORKER_SETTINGS``."""
+    settings = WildloopSettings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
+    configure_logging(settings.log_level, settings.log_format)  # a fresh process
+    return create_app(settings)
 
 
 # --- dependencies --------------------------------------------------------------------------------

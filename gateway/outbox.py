@@ -13,11 +13,22 @@ The file is the gateway's own (not the store), one table, written on the chat pa
 request, so it is driven through the standard library's ``sqlite3`` directly: an append of one
 exchange (3 events) costs ~97 us that way against ~217 us through SQLAlchemy Core (measured on
 the 2-core development machine; ``bench/gateway.py`` shows the whole request path).
+
+Several gateway processes on one host (``wildloop serve gateway --workers N``) share one outbox
+file: SQLite's write lock serialises their appends, and the backlog is counted from the file
+(ids are contiguous: appends take the next id under the write lock and the drain deletes a
+prefix), so the bound holds for all of them together. Exactly one process drains: each drain
+thread tries a non-blocking exclusive ``flock`` on ``<file>.drain-lock`` and only its holder
+publishes; the others retry every ``elect_interval_s``. The kernel drops the lock when its holder
+exits or dies, so another process takes over the draining within that interval. Appends of the
+other processes cannot wake the drainer, so it polls the file every ``idle_wait_s`` when idle.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -71,6 +82,7 @@ class Outbox:
         batch: int = 500,
         poll_interval_s: float = 0.02,
         idle_wait_s: float = 1.0,
+        elect_interval_s: float = 1.0,
         flush_timeout_s: float = 10.0,
     ) -> None:
         self.path = path
@@ -80,18 +92,27 @@ class Outbox:
         self.batch = batch
         self.poll_interval_s = poll_interval_s
         self.idle_wait_s = idle_wait_s
+        self.elect_interval_s = elect_interval_s
         self.flush_timeout_s = flush_timeout_s
         # One connection for appends (the event loop) and one for the drain thread's reads;
         # ``_lock`` serialises appends and deletes.
         self._writer = _connect(path)
         self._writer.execute(_SCHEMA)
-        self._depth = int(self._writer.execute("SELECT count(*) FROM outbox").fetchone()[0])
+        self._depth = _count(self._writer)
         self._reader = _connect(path)
+        self._lock_path = path.with_name(path.name + ".drain-lock")
+        self._lock_fd: int | None = None  # open while this process is the drainer
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.m_depth = metrics.gauge("outbox_depth", "events", "Events waiting for the bus.")
+        self.m_depth = metrics.gauge(
+            # processes sharing the file all report its depth: the latest report is right
+            "outbox_depth",
+            "events",
+            "Events waiting for the bus.",
+            multiprocess_mode="mostrecent",
+        )
         self.m_published = metrics.counter("outbox_published", "Events delivered to the bus.")
         self.m_failures = metrics.counter(
             "bus_publish_failures", "Failed attempts to publish an outbox batch to the bus."
@@ -100,7 +121,14 @@ class Outbox:
 
     @property
     def depth(self) -> int:
+        """Events waiting, as of this process's last append or drain (or, for a process that
+        is not the drainer, its last election attempt)."""
         return self._depth
+
+    @property
+    def draining(self) -> bool:
+        """Whether this process is the one that drains the file to the bus."""
+        return self._lock_fd is not None
 
     def append(self, events: Sequence[Event]) -> None:
         """Keep ``events`` durably for the bus, in order; raises OutboxFullError when full."""
@@ -108,15 +136,17 @@ class Outbox:
             return
         rows = [(topic_for(e, self._topics), e.partition_key, encode(e)) for e in events]
         with self._lock:
-            if self._depth + len(rows) > self.max_events:
-                raise OutboxFullError(
-                    f"event backlog full ({self._depth} events waiting for the bus)"
-                )
             with _transaction(self._writer):
+                depth = _count(self._writer)  # under the write lock: exact for all processes
+                if depth + len(rows) > self.max_events:
+                    self._depth = depth
+                    raise OutboxFullError(
+                        f"event backlog full ({depth} events waiting for the bus)"
+                    )
                 self._writer.executemany(
                     "INSERT INTO outbox (topic, key, value) VALUES (?, ?, ?)", rows
                 )
-            self._depth += len(rows)
+            self._depth = depth + len(rows)
             self.m_depth.set(self._depth)
         # Wake the drain thread, at most once per batch: it sleeps ``poll_interval_s`` after
         # each wake-up, and setting an event that is already set wakes nobody. (Waking it for
@@ -143,16 +173,45 @@ class Outbox:
         with self._lock:
             with _transaction(self._writer):
                 self._writer.execute("DELETE FROM outbox WHERE id <= ?", (rows[-1][0],))
-            self._depth -= len(rows)
+                self._depth = _count(self._writer)
             self.m_depth.set(self._depth)
         self.m_published.inc(len(rows))
         return len(rows)
 
+    def _elect(self) -> bool:
+        """Become the drainer if no other process is; True while this process is it."""
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        log.info("outbox drainer elected", extra={"pid": os.getpid(), "path": str(self.path)})
+        return True
+
+    def _resign(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _refresh_depth(self) -> None:
+        with self._lock:
+            self._depth = _count(self._writer)
+            self.m_depth.set(self._depth)
+
     def _run(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
+            if not self._elect():
+                self._refresh_depth()
+                self._stop.wait(self.elect_interval_s)
+                continue
             try:
-                if self._depth and self.drain_once():
+                if self.drain_once():
                     backoff = 0.1
                     continue
             except (PublishError, Exception) as exc:
@@ -178,7 +237,11 @@ class Outbox:
         if self._thread is not None:
             self._thread.join(timeout=60)
         deadline = time.monotonic() + flush_timeout_s
-        while self._depth and time.monotonic() < deadline:
+        # Flush only as the drainer (or when no other process is one): publishing beside a live
+        # drainer would deliver the same events twice.
+        if self._elect():
+            self._refresh_depth()
+        while self.draining and self._depth and time.monotonic() < deadline:
             try:
                 if not self.drain_once():
                     break
@@ -192,8 +255,16 @@ class Outbox:
             self._publisher.close()
         except Exception as exc:
             log.warning("publisher close failed", extra={"error": str(exc)})
+        self._resign()
         self._reader.close()
         self._writer.close()
+
+
+def _count(conn: sqlite3.Connection) -> int:
+    """Events in the file: ids are contiguous (appends take the next id under SQLite's write
+    lock, drains delete a prefix), so the id range counts them without a table scan."""
+    low, high = conn.execute("SELECT min(id), max(id) FROM outbox").fetchone()
+    return 0 if low is None else int(high) - int(low) + 1
 
 
 @contextmanager

@@ -3,10 +3,16 @@
 Each service owns one :class:`Metrics` (its own registry, no process-wide globals) and exposes it
 on ``/metrics``: long-running workers through :meth:`Metrics.serve`, FastAPI apps by mounting
 :meth:`Metrics.asgi_app`.
+
+Several processes serving one port (``wildloop serve gateway --workers N``) use prometheus-client's
+multiprocess mode: with ``PROMETHEUS_MULTIPROC_DIR`` set before the processes start, every
+process writes its values to files in that folder, and :meth:`Metrics.render` adds up the files
+of all of them (counters and histograms summed; gauges per their ``multiprocess_mode``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -20,6 +26,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     make_asgi_app,
+    multiprocess,
     start_http_server,
 )
 
@@ -88,9 +95,23 @@ class Metrics:
         name = metric_name(self.component, what, "total")
         return Counter(name.removesuffix("_total"), doc, list(labels), registry=self.registry)
 
-    def gauge(self, what: str, unit: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+    def gauge(
+        self,
+        what: str,
+        unit: str,
+        doc: str,
+        labels: Sequence[str] = (),
+        multiprocess_mode: str = "all",
+    ) -> Gauge:
+        """A gauge; ``multiprocess_mode`` says how processes sharing a port combine it
+        (prometheus-client's modes: ``all`` keeps one series per pid, ``mostrecent`` the
+        latest value set by any process, ``sum``, ``max``, ...)."""
         return Gauge(
-            metric_name(self.component, what, unit), doc, list(labels), registry=self.registry
+            metric_name(self.component, what, unit),
+            doc,
+            list(labels),
+            registry=self.registry,
+            multiprocess_mode=multiprocess_mode,  # type: ignore[arg-type]
         )
 
     def histogram(
@@ -110,10 +131,18 @@ class Metrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed())
 
     def asgi_app(self) -> Any:
-        return make_asgi_app(registry=self.registry)
+        return make_asgi_app(registry=self._exposed())
+
+    def _exposed(self) -> CollectorRegistry:
+        """This registry, or in multiprocess mode one that reads the files of all processes."""
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return self.registry
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return registry
 
     def serve(self, host: str, port: int) -> MetricsServer:
         """Serve ``/metrics`` over HTTP in a daemon thread; port 0 picks a free port."""

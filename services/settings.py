@@ -123,6 +123,12 @@ class GatewaySettings(BaseModel):
         default=5.0, gt=0, description="How often the alias re-reads the production adapter."
     )
     local_max_model_len: int = Field(default=2048, ge=128)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="Gateway processes serving the port (vLLM backend only): they share one "
+        "outbox file and conversation memory, and /metrics adds up all of them.",
+    )
 
 
 class DetectorSettings(BaseModel):

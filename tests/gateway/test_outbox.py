@@ -135,3 +135,76 @@ def test_events_appended_while_the_broker_is_down_arrive_once_it_is_back(
     sub.close()
     ids = {e.event_id for e in got}
     assert {e.event_id for e in events} <= ids  # all arrived (duplicates allowed, by id)
+
+
+# --- several gateway processes on one outbox file (``--workers N``) -------------------------
+# flock locks belong to open file descriptions, so two Outbox objects in one test process
+# exclude each other exactly as two worker processes do.
+
+
+def shared_outboxes(
+    tmp_path: Path, topics: Topics, log: object, **kw: object
+) -> tuple[Outbox, Outbox]:
+    def one() -> Outbox:
+        return Outbox(
+            tmp_path / "outbox.db",
+            publisher=log.publisher(),  # type: ignore[attr-defined]
+            topics=topics,
+            metrics=Metrics("gateway"),
+            idle_wait_s=0.02,
+            elect_interval_s=0.05,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    return one(), one()
+
+
+def test_processes_sharing_an_outbox_elect_one_drainer_and_deliver_every_event_once(
+    tmp_path: Path, topics: Topics
+) -> None:
+    log = embedded_log(tmp_path / "events.db")
+    a, b = shared_outboxes(tmp_path, topics, log)
+    a.start()
+    b.start()
+    events = turns(40)
+    for i in range(0, 40, 2):
+        (a if i % 4 == 0 else b).append(events[i : i + 2])
+    wait_until(lambda: a.draining != b.draining)
+    drainer = a if a.draining else b
+    wait_until(lambda: drainer.depth == 0)
+    a.close()
+    b.close()
+    sub = log.subscribe([topics.chat_turns], group="g")
+    got = [decode(r.value) for r in settle(sub)]
+    sub.close()
+    assert sorted(e.event_id for e in got) == sorted(e.event_id for e in events)
+
+
+def test_when_the_draining_process_stops_another_takes_over(tmp_path: Path, topics: Topics) -> None:
+    log = embedded_log(tmp_path / "events.db")
+    a, b = shared_outboxes(tmp_path, topics, log)
+    a.start()
+    wait_until(lambda: a.draining)
+    b.start()
+    a.close()
+    assert not a.draining
+    b.append(turns(6, "after"))
+    wait_until(lambda: b.draining and b.depth == 0)
+    b.close()
+    sub = log.subscribe([topics.chat_turns], group="g")
+    assert len(settle(sub)) == 6
+    sub.close()
+
+
+def test_the_backlog_bound_counts_the_events_of_every_process(
+    tmp_path: Path, topics: Topics
+) -> None:
+    log = embedded_log(tmp_path / "events.db")
+    a, b = shared_outboxes(tmp_path, topics, log, max_events=100)
+    a.append(turns(60, "a"))
+    b.append(turns(40, "b"))
+    assert b.depth == 100
+    with pytest.raises(OutboxFullError, match="100 events waiting"):
+        a.append(turns(1, "late"))
+    a.close(flush_timeout_s=0)
+    b.close(flush_timeout_s=0)
