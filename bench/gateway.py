@@ -309,9 +309,24 @@ async def straight_vllm(url: str, levels: list[int], per_client: int, mix: Mix) 
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its threads so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process, its threads and its live descendants (the
+    workers of ``--workers N``), from /proc."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        child = int(stat.parent.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        times[child] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        one = todo.pop()
+        total += times.get(one, 0.0)
+        todo.extend(children.get(one, ()))
+    return total
 
 
 async def through_gateway(
@@ -333,7 +348,11 @@ async def through_gateway(
 
 
 def start_gateway(
-    settings: WildloopSettings, port: int, vllm_url: str | None, cpus: set[int] | None = None
+    settings: WildloopSettings,
+    port: int,
+    vllm_url: str | None,
+    cpus: set[int] | None = None,
+    workers: int = 1,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -347,7 +366,7 @@ def start_gateway(
     if vllm_url:
         env["WILDLOOP_VLLM_URL"] = vllm_url
     wildloop = Path(sys.executable).with_name("wildloop")
-    command = [str(wildloop), "serve", "gateway"]
+    command = [str(wildloop), "serve", "gateway", "--workers", str(workers)]
     if cpus is not None:
         command = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *command]
     proc = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
@@ -434,6 +453,16 @@ def main() -> None:
         "this client on CPU 0, so the gateway's figures hold neither vLLM's busy engine nor the "
         "client's own parsing (which would otherwise count as added latency)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="gateway processes (wildloop serve gateway --workers N; not with the local backend)",
+    )
+    p.add_argument(
+        "--gateway-cpus",
+        help="CPUs for the gateway, e.g. 1 or 2-7 (taskset list; overrides --pin's choice)",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--vllm-url", help="benchmark a running vLLM server (its /v1 URL)")
     where.add_argument(
@@ -457,6 +486,8 @@ def main() -> None:
         os.sched_setaffinity(0, {0})  # this client, and the vLLM server started below
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"
         gateway_cpus = {1}
+    if args.gateway_cpus:
+        gateway_cpus = _cpu_list(args.gateway_cpus)
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -488,7 +519,7 @@ def main() -> None:
         store.close()
         port = 18000 + os.getpid() % 1000
         console.log("through the gateway")
-        proc = start_gateway(settings, port, vllm_url, gateway_cpus)
+        proc = start_gateway(settings, port, vllm_url, gateway_cpus, args.workers)
         try:
             through = asyncio.run(
                 through_gateway(
@@ -504,9 +535,20 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     backend = "instant stand-in" if args.instant_upstream else "vllm" if vllm_url else "local"
+    if args.workers > 1:
+        backend += f", {args.workers} gateway workers"
     report(levels, straight, through, backend, mix)
     if args.pin:
         console.print("pinned: model server and client on CPU 0; gateway alone on CPU 1")
+
+
+def _cpu_list(text: str) -> set[int]:
+    """``"1"``, ``"2-7"``, ``"1,3-4"`` -> the CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
 
 
 if __name__ == "__main__":
