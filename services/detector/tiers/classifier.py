@@ -42,15 +42,17 @@ Decision
     An empty turn gets NEUTRAL with confidence 0 (the cascade then keeps an earlier tier's
     verdict); a batch that fails is retried turn by turn and a failing turn gets the same.
 
-Current artefact (train 1,372 turns, dev 101; numbers in the manifest and the training docstring)
-    ``lexical`` (2,941 words), stacked rules features at scale 0.5, C = 2; dev polarity
-    accuracy 0.832, macro-F1 0.843, SAT-present F1 0.907, DSAT-present F1 0.817, rubric
-    micro-F1 0.627, category accuracy 0.762. In the default cascade it judges the turns the
+Current artefact (train 1,542 turns, dev 251; numbers in the manifest and the training docstring)
+    ``lexical`` (3,392 words), stacked rules features at scale 0.5, C = 32; dev polarity
+    accuracy 0.745, macro-F1 0.757, SAT-present F1 0.826, DSAT-present F1 0.724, rubric
+    micro-F1 0.566, category accuracy 0.681. In the default cascade it judges the turns the
     rules are unsure of (``neutral:none``, ~35-45% of the dataset's turns); on those the rules'
     features are constant, so the words and the context decide. Cascade on dev: SAT-present F1
-    0.892, DSAT-present precision / recall / F1 0.769 / 0.857 / 0.811 (rules alone 0.896 and
-    0.839 / 0.743 / 0.788; the previous artefact, trained on 1,052 turns: 0.896 and 0.784 /
-    0.829 / 0.806).
+    0.826, DSAT-present precision / recall / F1 0.684 / 0.770 / 0.724 (rules alone 0.792 and
+    0.746 / 0.575 / 0.649). Dev grew from 101 to 251 representative turns for these heads, so
+    the figures are not comparable with the previous artefact's (0.892 and 0.811 on the old,
+    101-turn dev). On the fresh ``holdout2`` split: cascade 0.789 / 0.702, this tier alone
+    0.835 / 0.685.
 
 Embedding heads, for reference (previous artefact, train 312 turns)
     Stacked on the rules (``pair`` view, C = 0.5, scale 0.5): dev SAT-present F1 0.896,
