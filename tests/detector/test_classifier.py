@@ -82,7 +82,9 @@ def test_the_artefact_is_small_and_loads_without_pickle() -> None:
     files = {p.name for p in MODELS_DIR.iterdir()}
     assert {HEADS_FILE, MANIFEST_FILE} <= files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".joblib", ".pt", ".bin"))]
-    assert (MODELS_DIR / HEADS_FILE).stat().st_size < 300_000
+    # float32 weights, one row per class, rubric and category for each lexicon word plus the
+    # stacked rules features: ~28 x 3,400 x 4 bytes for the current heads, compressed a little
+    assert (MODELS_DIR / HEADS_FILE).stat().st_size < 500_000
     with np.load(MODELS_DIR / HEADS_FILE, allow_pickle=False) as data:
         assert all(data[k].dtype != object for k in data.files)
 
