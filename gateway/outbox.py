@@ -84,6 +84,7 @@ class Outbox:
         idle_wait_s: float = 1.0,
         elect_interval_s: float = 1.0,
         flush_timeout_s: float = 10.0,
+        lock_path: Path | None = None,
     ) -> None:
         self.path = path
         self._publisher = publisher
@@ -100,7 +101,7 @@ class Outbox:
         self._writer.execute(_SCHEMA)
         self._depth = _count(self._writer)
         self._reader = _connect(path)
-        self._lock_path = path.with_name(path.name + ".drain-lock")
+        self._lock_path = lock_path or path.with_name(path.name + ".drain-lock")
         self._lock_fd: int | None = None  # open while this process is the drainer
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -206,8 +207,16 @@ class Outbox:
     def _run(self) -> None:
         backoff = 0.1
         while not self._stop.is_set():
-            if not self._elect():
-                self._refresh_depth()
+            try:
+                if not self._elect():
+                    self._refresh_depth()
+                    self._stop.wait(self.elect_interval_s)
+                    continue
+            except (OSError, sqlite3.Error) as exc:  # e.g. the data folder went away
+                log.warning(
+                    "outbox drainer election failed; retrying",
+                    extra={"path": str(self.path), "error": str(exc)},
+                )
                 self._stop.wait(self.elect_interval_s)
                 continue
             try:
@@ -239,8 +248,11 @@ class Outbox:
         deadline = time.monotonic() + flush_timeout_s
         # Flush only as the drainer (or when no other process is one): publishing beside a live
         # drainer would deliver the same events twice.
-        if self._elect():
-            self._refresh_depth()
+        try:
+            if self._elect():
+                self._refresh_depth()
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("outbox not flushed at shutdown", extra={"error": str(exc)})
         while self.draining and self._depth and time.monotonic() < deadline:
             try:
                 if not self.drain_once():

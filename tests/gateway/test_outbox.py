@@ -208,3 +208,24 @@ def test_the_backlog_bound_counts_the_events_of_every_process(
         a.append(turns(1, "late"))
     a.close(flush_timeout_s=0)
     b.close(flush_timeout_s=0)
+
+
+def test_a_failed_drainer_election_is_retried_not_fatal(tmp_path: Path, topics: Topics) -> None:
+    """The drain thread survives a lock file it cannot open (here: its folder is missing for a
+    while) and drains once it can."""
+    log = embedded_log(tmp_path / "events.db")
+    box = Outbox(
+        tmp_path / "outbox.db",
+        publisher=log.publisher(),
+        topics=topics,
+        metrics=Metrics("gateway"),
+        elect_interval_s=0.05,
+        lock_path=tmp_path / "missing" / "outbox.db.drain-lock",
+    )
+    box.append(turns(4))
+    box.start()
+    time.sleep(0.3)
+    assert not box.draining and box.depth == 4
+    (tmp_path / "missing").mkdir()
+    wait_until(lambda: box.depth == 0)
+    box.close()
