@@ -231,16 +231,23 @@ def _instant_chunk(
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
     chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": BASE}
     extra = {"usage": usage} if usage else {}
-    return b"data: " + json.dumps({**chunk, "choices": choices, **extra}).encode() + b"\n\n"
+    body = json.dumps({**chunk, "choices": choices, **extra}, separators=(",", ":"))  # as vLLM
+    return b"data: " + body.encode() + b"\n\n"
 
 
 async def _instant_chat(request: web.Request) -> web.StreamResponse:
-    """A chat stream in vLLM's chunk format, all ``max_tokens`` chunks at once."""
+    """A chat stream in vLLM's chunk format: all ``max_tokens`` chunks at once, or with
+    ``step_s`` one chunk per step, on a clock shared by every stream (the next multiple of
+    ``step_s``), as a batched decoder emits one token for every running request per step."""
     tokens = int((await request.json()).get("max_tokens") or 16)
+    step: float = request.app[STEP_KEY]
+    clock = asyncio.get_running_loop().time
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     await response.write(_instant_chunk({"role": "assistant", "content": ""}))
     for i in range(tokens):
+        if step:
+            await asyncio.sleep(step - clock() % step)
         await response.write(_instant_chunk({"content": f" w{i}"}))
     usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": tokens + 8}
     last = _instant_chunk(None, usage=usage)
@@ -249,8 +256,12 @@ async def _instant_chat(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _serve_instant(port: int) -> None:
-    """``--instant-upstream``: the part of vLLM's API the gateway uses, answering at once."""
+STEP_KEY = web.AppKey("step_s", float)
+
+
+def _serve_instant(port: int, step_s: float) -> None:
+    """``--instant-upstream``: the part of vLLM's API the gateway uses, answering at once (or
+    one token per ``step_s``)."""
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -260,6 +271,7 @@ def _serve_instant(port: int) -> None:
         return web.json_response({"object": "list", "data": [card]})
 
     app = web.Application()
+    app[STEP_KEY] = step_s
     app.add_routes(
         [
             web.get("/health", health),
@@ -271,9 +283,9 @@ def _serve_instant(port: int) -> None:
 
 
 @contextlib.contextmanager
-def instant_upstream() -> Iterator[str]:
+def instant_upstream(step_s: float = 0.0) -> Iterator[str]:
     port = 17000 + os.getpid() % 1000
-    proc = multiprocessing.get_context("spawn").Process(target=_serve_instant, args=(port,))
+    proc = multiprocessing.get_context("spawn").Process(target=_serve_instant, args=(port, step_s))
     proc.start()
     try:
         deadline = time.monotonic() + 30
@@ -454,6 +466,13 @@ def main() -> None:
         "client's own parsing (which would otherwise count as added latency)",
     )
     p.add_argument(
+        "--upstream-step-ms",
+        type=float,
+        default=0.0,
+        help="with --instant-upstream: one token per stream every STEP ms, every stream on the "
+        "same tick, as a batched decoder emits them (20: ~50 tokens/s per stream, GPU-like)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -494,7 +513,7 @@ def main() -> None:
         settings = WildloopSettings(data_dir=tmp)
         vllm_url = args.vllm_url
         if args.instant_upstream:
-            vllm_url = stack.enter_context(instant_upstream())
+            vllm_url = stack.enter_context(instant_upstream(args.upstream_step_ms / 1000))
         elif args.start_vllm or not vllm_url:
             from services.models import ensure_base_model  # noqa: PLC0415
 
@@ -535,6 +554,8 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     backend = "instant stand-in" if args.instant_upstream else "vllm" if vllm_url else "local"
+    if args.instant_upstream and args.upstream_step_ms:
+        backend = f"stand-in, one token per {args.upstream_step_ms:g} ms step"
     if args.workers > 1:
         backend += f", {args.workers} gateway workers"
     report(levels, straight, through, backend, mix)

@@ -38,7 +38,7 @@ def serve_gateway(
     settings = settings.model_copy(update={"gateway": gw})
     if gw.workers == 1:
         uvicorn.run(
-            create_app(settings),
+            create_app(settings, freeze_gc=True),
             host=gw.host,
             port=gw.port,
             log_config=None,

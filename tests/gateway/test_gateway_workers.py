@@ -4,11 +4,13 @@ session's real vLLM server, driven by the official ``openai`` SDK.
 Each request goes through a fresh client, so a new connection, which either worker may accept.
 What must hold however requests are spread: a stateless client keeps its conversation, every
 turn is logged exactly once, ``/metrics`` counts the requests of both workers, and when the worker
-that drains the shared outbox dies, the other takes over.
+that drains the shared outbox dies, the other takes over. Also here: what only a served gateway
+does, freezing its start-up objects out of the garbage collector.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -172,3 +174,22 @@ def test_several_workers_are_refused_for_the_local_backend(tmp_path: Path) -> No
     done = run(tmp_path, "serve", "gateway", "--workers", "2", "--port", str(free_port()))
     assert done.returncode == 2
     assert "several gateway workers need the vLLM backend" in done.stderr
+
+
+@pytest.mark.anyio
+async def test_a_served_gateway_freezes_its_start_up_objects_out_of_the_collector(
+    tmp_path: Path,
+) -> None:
+    """``wildloop serve gateway`` (``freeze_gc``): objects alive after start-up are moved to the
+    collector's permanent generation, so full collections stop walking them mid-request."""
+    from gateway.app import create_app  # noqa: PLC0415
+    from gateway.backends.vllm import VllmBackend  # noqa: PLC0415
+
+    settings = WildloopSettings(data_dir=tmp_path)
+    nowhere = VllmBackend(f"http://127.0.0.1:{free_port()}/v1", base_model=BASE)  # lazy
+    app = create_app(settings, backend=nowhere, freeze_gc=True)
+    try:
+        async with app.router.lifespan_context(app):
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()  # this test process keeps collecting as before
