@@ -478,10 +478,6 @@ def main() -> None:
         default=1,
         help="gateway processes (wildloop serve gateway --workers N; not with the local backend)",
     )
-    p.add_argument(
-        "--gateway-cpus",
-        help="CPUs for the gateway, e.g. 1 or 2-7 (taskset list; overrides --pin's choice)",
-    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--vllm-url", help="benchmark a running vLLM server (its /v1 URL)")
     where.add_argument(
@@ -505,8 +501,6 @@ def main() -> None:
         os.sched_setaffinity(0, {0})  # this client, and the vLLM server started below
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"
         gateway_cpus = {1}
-    if args.gateway_cpus:
-        gateway_cpus = _cpu_list(args.gateway_cpus)
 
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -561,15 +555,6 @@ def main() -> None:
     report(levels, straight, through, backend, mix)
     if args.pin:
         console.print("pinned: model server and client on CPU 0; gateway alone on CPU 1")
-
-
-def _cpu_list(text: str) -> set[int]:
-    """``"1"``, ``"2-7"``, ``"1,3-4"`` -> the CPU numbers."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
-    return cpus
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.outbox import Outbox, OutboxFullError
+from services.bus.embedded import EmbeddedEventLog
 from services.bus.kafka import KafkaEventBus
 from services.events.codec import decode
 from services.events.schemas import Role, TurnLogged
@@ -38,11 +40,21 @@ def wait_until(condition, timeout_s: float = 30.0) -> None:  # type: ignore[no-u
     assert condition()
 
 
+def outbox_to(log: EmbeddedEventLog, tmp_path: Path, topics: Topics, **kw: Any) -> Outbox:
+    """An outbox on ``tmp_path/outbox.db`` draining to the embedded ``log``; ``kw`` are
+    further ``Outbox`` settings."""
+    return Outbox(
+        tmp_path / "outbox.db",
+        publisher=log.publisher(),
+        topics=topics,
+        metrics=Metrics("gateway"),
+        **kw,
+    )
+
+
 def test_appended_events_reach_the_bus_in_order(tmp_path: Path, topics: Topics) -> None:
     log = embedded_log(tmp_path / "events.db")
-    box = Outbox(
-        tmp_path / "outbox.db", publisher=log.publisher(), topics=topics, metrics=Metrics("gateway")
-    )
+    box = outbox_to(log, tmp_path, topics)
     box.start()
     events = turns(30)
     for i in range(0, 30, 3):
@@ -59,13 +71,7 @@ def test_a_full_outbox_refuses_new_events_and_keeps_what_it_has(
     tmp_path: Path, topics: Topics
 ) -> None:
     log = embedded_log(tmp_path / "events.db")
-    box = Outbox(
-        tmp_path / "outbox.db",
-        publisher=log.publisher(),
-        topics=topics,
-        metrics=Metrics("gateway"),
-        max_events=100,
-    )
+    box = outbox_to(log, tmp_path, topics, max_events=100)
     box.append(turns(100))
     with pytest.raises(OutboxFullError, match="backlog full"):
         box.append(turns(1, "other"))
@@ -75,11 +81,10 @@ def test_a_full_outbox_refuses_new_events_and_keeps_what_it_has(
 def test_a_backlog_left_at_shutdown_is_delivered_by_the_next_start(
     tmp_path: Path, topics: Topics
 ) -> None:
-    path = tmp_path / "outbox.db"
     log = embedded_log(tmp_path / "events.db")
-    first = Outbox(path, publisher=log.publisher(), topics=topics, metrics=Metrics("gateway"))
+    first = outbox_to(log, tmp_path, topics)
     first.append(turns(10))  # never started: as if the bus had been down
-    second = Outbox(path, publisher=log.publisher(), topics=topics, metrics=Metrics("gateway"))
+    second = outbox_to(log, tmp_path, topics)
     assert second.depth == 10
     second.start()
     wait_until(lambda: second.depth == 0)
@@ -143,20 +148,11 @@ def test_events_appended_while_the_broker_is_down_arrive_once_it_is_back(
 
 
 def shared_outboxes(
-    tmp_path: Path, topics: Topics, log: object, **kw: object
+    tmp_path: Path, topics: Topics, log: EmbeddedEventLog, **kw: Any
 ) -> tuple[Outbox, Outbox]:
-    def one() -> Outbox:
-        return Outbox(
-            tmp_path / "outbox.db",
-            publisher=log.publisher(),  # type: ignore[attr-defined]
-            topics=topics,
-            metrics=Metrics("gateway"),
-            idle_wait_s=0.02,
-            elect_interval_s=0.05,
-            **kw,  # type: ignore[arg-type]
-        )
-
-    return one(), one()
+    """Two outboxes on one file, as two worker processes have, quick to poll and elect."""
+    fast = {"idle_wait_s": 0.02, "elect_interval_s": 0.05, **kw}
+    return outbox_to(log, tmp_path, topics, **fast), outbox_to(log, tmp_path, topics, **fast)
 
 
 def test_processes_sharing_an_outbox_elect_one_drainer_and_deliver_every_event_once(
@@ -214,11 +210,10 @@ def test_a_failed_drainer_election_is_retried_not_fatal(tmp_path: Path, topics: 
     """The drain thread survives a lock file it cannot open (here: its folder is missing for a
     while) and drains once it can."""
     log = embedded_log(tmp_path / "events.db")
-    box = Outbox(
-        tmp_path / "outbox.db",
-        publisher=log.publisher(),
-        topics=topics,
-        metrics=Metrics("gateway"),
+    box = outbox_to(
+        log,
+        tmp_path,
+        topics,
         elect_interval_s=0.05,
         lock_path=tmp_path / "missing" / "outbox.db.drain-lock",
     )
