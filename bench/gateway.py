@@ -239,6 +239,7 @@ async def _instant_chat(request: web.Request) -> web.StreamResponse:
     """A chat stream in vLLM's chunk format: all ``max_tokens`` chunks at once, or with
     ``step_s`` one chunk per step, on a clock shared by every stream (the next multiple of
     ``step_s``), as a batched decoder emits one token for every running request per step."""
+    entered = time.perf_counter()  # headers parsed; the body not yet read
     tokens = int((await request.json()).get("max_tokens") or 16)
     step: float = request.app[STEP_KEY]
     clock = asyncio.get_running_loop().time
@@ -251,7 +252,16 @@ async def _instant_chat(request: web.Request) -> web.StreamResponse:
         await response.write(_instant_chunk({"content": f" w{i}"}))
     usage = {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": tokens + 8}
     last = _instant_chunk(None, usage=usage)
-    await response.write(_instant_chunk({}, "stop") + last + b"data: [DONE]\n\n")
+    # Its own span, request in -> last piece out, as an SSE comment like the gateway's (the
+    # gateway's SSE reader skips comments): the client's critical path straight to the stand-in
+    # is then measured as through the gateway, and is the floor the gateway's figure sits on.
+    span_ms = (time.perf_counter() - entered) * 1000
+    await response.write(
+        _instant_chunk({}, "stop")
+        + last
+        + f": upstream-span-ms={span_ms:.3f}\n\n".encode()
+        + b"data: [DONE]\n\n"
+    )
     await response.write_eof()
     return response
 
@@ -415,6 +425,8 @@ def report(
         "through p50 / p99 ms",
         "added p50 / p99 ms (all work)",
         "added p50 / p99 ms (critical path)",
+        "client floor p50 / p99 ms",
+        "net added p50 / p99 ms",
         "straight req/s",
         "through req/s",
         "gateway CPU ms/req",
@@ -431,20 +443,40 @@ def report(
             f"{pct(t.latencies_ms, 0.5):.1f} / {pct(t.latencies_ms, 0.99):.1f}",
             f"{pct(t.added_ms, 0.5):.2f} / {pct(t.added_ms, 0.99):.2f}",
             f"{pct(t.critical_ms, 0.5):.2f} / {pct(t.critical_ms, 0.99):.2f}",
+            f"{pct(s.critical_ms, 0.5):.2f} / {pct(s.critical_ms, 0.99):.2f}"
+            if s.critical_ms
+            else "-",
+            "{:.2f} / {:.2f}".format(*net_added(s, t)) if s.critical_ms else "-",
             f"{s.throughput:.2f}",
             f"{t.throughput:.2f}",
             f"{t.cpu_ms_per_request:.2f}" if t.cpu_ms_per_request is not None else "-",
         )
     console.print(table)
     top = through[max(levels)]
-    for name, values in (("all work", top.added_ms), ("critical path", top.critical_ms)):
-        ok50 = pct(values, 0.5) <= 2.0
-        ok99 = pct(values, 0.99) <= 5.0
+    figures = [
+        (name, pct(values, 0.5), pct(values, 0.99), f" (mean {statistics.fmean(values):.2f} ms)")
+        for name, values in (("all work", top.added_ms), ("critical path", top.critical_ms))
+    ]
+    if straight[max(levels)].critical_ms:
+        figures.append(("net of the client floor", *net_added(straight[max(levels)], top), ""))
+    for name, p50, p99, note in figures:
         console.print(
             f"goal at {max(levels)} streams, added ({name}): p50 <= 2 ms: "
-            f"{'PASS' if ok50 else 'FAIL'}; p99 <= 5 ms: {'PASS' if ok99 else 'FAIL'}"
-            f" (mean {statistics.fmean(values):.2f} ms)"
+            f"{'PASS' if p50 <= 2.0 else 'FAIL'}; p99 <= 5 ms: {'PASS' if p99 <= 5.0 else 'FAIL'}"
+            + note
         )
+
+
+def net_added(straight: Run, through: Run) -> tuple[float, float]:
+    """The critical path through the gateway less the same figure straight to the stand-in, at
+    p50 and at p99, as proxies' added latency is usually quoted (each percentile with the proxy
+    minus the same percentile without). The straight figure is what the client, its share of CPU
+    0 and the loopback add by themselves; it exists only where the upstream reports its own span
+    (the stand-in; vLLM does not)."""
+    return (
+        pct(through.critical_ms, 0.5) - pct(straight.critical_ms, 0.5),
+        pct(through.critical_ms, 0.99) - pct(straight.critical_ms, 0.99),
+    )
 
 
 def main() -> None:

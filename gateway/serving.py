@@ -24,6 +24,7 @@ from gateway.backends.base import (
     Completion,
     GenerationRequest,
     StreamEnd,
+    StreamItem,
     TextDelta,
 )
 from gateway.errors import GatewayError, from_backend
@@ -203,42 +204,69 @@ class ChatService:
         conversation_header: str | None,
         target: Target | None = None,
     ) -> tuple[AsyncIterator[bytes], str]:
-        """The SSE body generator and the conversation id (errors raised before streaming)."""
-        x = await self._exchange(request, key, conversation_header, target)
-        return self._stream(request, x), x.conversation
+        """The SSE body generator and the conversation id.
 
-    async def _stream(self, request: ChatCompletionRequest, x: Exchange) -> AsyncIterator[bytes]:
-        encode = ChunkEncoder(f"chatcmpl-{uuid.uuid4().hex}", x.model)
+        The backend's first item (a token, or the end of an empty answer) is awaited here,
+        before any byte of the response: a backend that is down, times out or does not know the
+        adapter gets a plain HTTP error in OpenAI's shape, as a non-streamed request does, not a
+        200 followed by an error event. The status line, the role event and the first token
+        then leave together, after the backend request (none of them on the way in)."""
+        x = await self._exchange(request, key, conversation_header, target)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
+        stream = self.backend.stream(self._generation(request, x.messages, x.target))
+        try:
+            first: StreamItem | None = await anext(stream)
+        except StopAsyncIteration:
+            first = None
+        except BackendError as exc:
+            await _aclose(stream)
+            raise from_backend(exc) from exc
+        except BaseException:
+            await _aclose(stream)
+            raise
+        waited = time.perf_counter() - started
+        opened = _Opened(stream, first, started, started_at, waited)
+        return self._stream(request, x, opened), x.conversation
+
+    async def _stream(
+        self, request: ChatCompletionRequest, x: Exchange, opened: _Opened
+    ) -> AsyncIterator[bytes]:
+        encode = ChunkEncoder(f"chatcmpl-{uuid.uuid4().hex}", x.model)
+        stream, started, started_at = opened.stream, opened.started, opened.started_at
         ttft: float | None = None
-        waited = 0.0  # seconds spent waiting on the backend
-        first_ask = last_back = 0.0  # when the first wait began and the last one ended
+        waited = opened.waited  # seconds spent waiting on the backend
+        first_ask, last_back = started, started + opened.waited  # first wait began, last ended
         pieces: list[str] = []
         end: StreamEnd | None = None
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-
-        stream = self.backend.stream(self._generation(request, x.messages, x.target))
+        # The role event goes out with the first event after it (a token, the closing events or
+        # an error), in the same write: it carries no text, and on its own it would be one more
+        # socket send per request.
+        head = encode.role()
+        item = opened.first
         try:
-            yield encode.role()
-            while True:
-                asked = time.perf_counter()
-                first_ask = first_ask or asked
-                try:
-                    item = await anext(stream)
-                except StopAsyncIteration:
-                    break
-                finally:
-                    last_back = time.perf_counter()
-                    waited += last_back - asked
+            while item is not None:
                 if isinstance(item, TextDelta):
                     if ttft is None:
                         ttft = (time.perf_counter() - started) * 1000
                         self.metrics.ttft.labels(x.model).observe(ttft / 1000)
                     pieces.append(item.text)
-                    yield encode.content(item.text)
+                    if head:
+                        yield head + encode.content(item.text)
+                        head = b""
+                    else:
+                        yield encode.content(item.text)
                 else:
                     end = item
+                asked = time.perf_counter()
+                try:
+                    item = await anext(stream)
+                except StopAsyncIteration:
+                    item = None
+                finally:
+                    last_back = time.perf_counter()
+                    waited += last_back - asked
             if end is None:
                 raise BackendError("the backend's stream ended without a finish")
             if end.upstream_s is not None:  # the backend's own work is the gateway's time
@@ -249,7 +277,7 @@ class ChatService:
             # The closing events go out in one write (one ASGI message, one socket send): they
             # are ready together, and at high concurrency every send is queued behind every
             # other stream's.
-            tail = [encode.finish(end.finish_reason)]
+            tail = [head, encode.finish(end.finish_reason)]
             if include_usage:
                 tail.append(encode.usage(end.prompt_tokens, end.completion_tokens))
             # An SSE comment (clients skip it), so a client can tell the gateway's own share,
@@ -266,7 +294,7 @@ class ChatService:
         except BackendError as exc:
             err = from_backend(exc)
             body = ErrorResponse.of(err.message, err.type, err.code)
-            yield f"data: {json.dumps(body)}\n\n".encode()
+            yield head + f"data: {json.dumps(body)}\n\n".encode()
         except (GeneratorExit, asyncio.CancelledError):  # the client went away
             self.metrics.disconnects.labels("true").inc()
             raise
@@ -411,6 +439,17 @@ def _usage(prompt: int, completion: int) -> Usage:
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """A backend stream whose first item has arrived (None: it ended at once)."""
+
+    stream: AsyncIterator[StreamItem]
+    first: StreamItem | None
+    started: float  # perf_counter() when the backend was called
+    started_at: datetime
+    waited: float  # seconds until the first item
 
 
 async def _aclose(stream: AsyncIterator[object]) -> None:

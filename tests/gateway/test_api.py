@@ -427,6 +427,37 @@ def test_bad_requests_get_a_clear_openai_error_and_log_nothing(
     assert len(gateway.logged()) == before
 
 
+def test_a_stream_the_backend_refuses_gets_the_same_http_error_as_a_plain_request(
+    gateway: Gateway,
+) -> None:
+    # The backend finds max_tokens too large for the context only once it plans the generation:
+    # a streamed request still gets an HTTP 400 in OpenAI's shape, not a 200 and an error event.
+    client = gateway.client()
+    before = len(gateway.logged())
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="maximum context length") as refused:
+            client.chat.completions.create(
+                model="SmolLM2-135M-Instruct",
+                messages=[{"role": "user", "content": "Write a very long story."}],
+                max_tokens=100_000,
+                stream=stream,
+            )
+        assert refused.value.status_code == 400
+    assert len(gateway.logged()) == before
+
+
+def test_a_stream_opens_with_the_assistant_role_event_then_the_tokens(gateway: Gateway) -> None:
+    with gateway.raw_stream("Name three colours.", max_tokens=4) as response:
+        chunks = [c for c in response.iter_bytes() if c]
+    events = [
+        json.loads(line[6:])
+        for line in b"".join(chunks).decode().splitlines()
+        if line.startswith("data: {")
+    ]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[1]["choices"][0]["delta"]["content"]
+
+
 def test_a_client_that_disconnects_mid_stream_leaves_a_partial_answer_marked_as_such(
     gateway: Gateway,
 ) -> None:
