@@ -26,6 +26,13 @@ way out (relay, closing events, the client reading them), the delay a user sees 
 answer. The per-chunk work in between overlaps generation and is not counted, so a gateway that
 fell behind its backend would show it only in the *all work* figure and in TTFT. Straight and
 through throughputs (completed streams per second) are printed side by side.
+
+The critical path still holds what the client itself adds: building its request, reading the last
+events, its share of CPU 0 at 32 streams, the loopback. The stand-in reports its own span the same
+way (request in -> last piece out), so straight to it the same figure is the *client floor*, and
+*net added* is the critical path through the gateway less that floor at p50 and at p99 (each
+percentile with the proxy less the same percentile without, as proxies' added latency is usually
+quoted). vLLM reports no span: against it the floor and net columns are empty.
 """
 
 from __future__ import annotations
