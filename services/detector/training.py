@@ -69,6 +69,15 @@ conversations, cascade rules -> classifier, for the selected scale 0.5 and C = 0
       0.806 / 0.829 / 0.817, but 50% instead of 35% of dev turns (58% of train) reach the slower
       tier, the rules' version changes and the third batch is deliberately dense in NEUTRAL turns
       with negative words; left for a separate decision.
+    - Static MiniLM token vectors as an extra feature block (2026-12-07, train 1,542 / dev 251):
+      every vocabulary token run through all-MiniLM-L6-v2 alone, mean-pooled, PCA to 128
+      dimensions (as model2vec distils a static model), and a turn's vector the idf-weighted mean
+      over its user-text tokens, L2-normalised; ~20,000 turns/s to featurise, so it would fit
+      the speed budget. Next to the lexical and stacked rules features (scale 0.5, C = 32) it
+      scored DSAT-present F1 0.753 on dev against 0.724 (block scale 0.5; 0.730 at 1, 0.718 at
+      2), but in 5-fold cross-validation over the train conversations (lexicon and idf refitted
+      per fold) the classifier's DSAT-present F1 was 0.663 without it, 0.661 at scale 0.5 and
+      0.644 at 1 (SAT 0.805, 0.799, 0.783): the dev gain was noise on 251 turns.
 
 ``--bench`` then times ``ClassifierTier.judge`` (batches of 64 dev turns; for an embedding
 artefact with the fp32 and the int8 encoder) and the TF-IDF baseline's featurise-and-decide step.
