@@ -78,6 +78,14 @@ conversations, cascade rules -> classifier, for the selected scale 0.5 and C = 0
       2), but in 5-fold cross-validation over the train conversations (lexicon and idf refitted
       per fold) the classifier's DSAT-present F1 was 0.663 without it, 0.661 at scale 0.5 and
       0.644 at 1 (SAT 0.805, 0.799, 0.783): the dev gain was noise on 251 turns.
+    - Answer-aware pseudo-words added to ``describe_context`` (2026-12-07): a negation in a turn
+      that shares content words with the answer ("there is no branding section"), numbers in
+      the turn that the answer does not contain ("irs site says 7,500"), an error message after
+      an answer with code or commands, the answer's length, a very short turn after a very
+      short answer ("how" after "x = 12"). In the same 5-fold cross-validation: classifier
+      DSAT-present F1 0.663 -> 0.672 and SAT 0.805 -> 0.799; cascade DSAT 0.676 -> 0.686, SAT
+      0.803 -> 0.801. About one standard error, and a new rules-context version plus retrained
+      heads for it; not adopted.
 
 ``--bench`` then times ``ClassifierTier.judge`` (batches of 64 dev turns; for an embedding
 artefact with the fp32 and the int8 encoder) and the TF-IDF baseline's featurise-and-decide step.
