@@ -202,9 +202,12 @@ def test_a_gateway_whose_vllm_is_down_answers_503_in_openai_s_format(
     with running_gateway(settings) as url:
         assert httpx.get(f"{url}/readyz").status_code == 503
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        with pytest.raises(openai.InternalServerError) as down:
-            client.chat.completions.create(model=BASE, messages=QUESTION, **GREEDY)
-        assert down.value.status_code == 503
-        assert "vLLM" in str(down.value.message)
+        for stream in (False, True):  # a stream too gets the HTTP error, not a 200 and an event
+            with pytest.raises(openai.InternalServerError) as down:
+                client.chat.completions.create(
+                    model=BASE, messages=QUESTION, stream=stream, **GREEDY
+                )
+            assert down.value.status_code == 503
+            assert "vLLM" in str(down.value.message)
     # The turn was never answered, so nothing was logged for it.
     assert not [e for e in logged_events(settings) if isinstance(e, TurnLogged)]
