@@ -3,6 +3,7 @@ only through settings that exist."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,106 @@ def test_compose_services_use_commands_the_cli_has() -> None:
     assert recorder["command"] == ["serve", "recorder"]
     assert recorder["build"]["dockerfile"] == "deploy/Dockerfile"
     assert 'ENTRYPOINT ["wildloop"]' in (DEPLOY / "Dockerfile").read_text()
+
+
+# --- monitoring: deploy/prometheus ----------------------------------------------------------------
+
+PROMETHEUS = DEPLOY / "prometheus"
+# Labels Prometheus adds itself, and the bucket bound of histograms.
+TARGET_LABELS = {"instance", "job", "le"}
+
+
+def exported_metrics(tmp_path: Path) -> dict[str, tuple[str, ...]]:
+    """Every sample name the services export (``_total``, ``_bucket``, ... included), with the
+    labels it carries: the components' metric definitions, built as the services build them."""
+    from gateway.metrics import GatewayMetrics  # noqa: PLC0415
+    from gateway.outbox import Outbox  # noqa: PLC0415
+    from learner.metrics import LearnerMetrics  # noqa: PLC0415
+    from services.bus.embedded import EmbeddedEventLog  # noqa: PLC0415
+    from services.detector.metrics import DetectorMetrics  # noqa: PLC0415
+    from services.metrics import Metrics  # noqa: PLC0415
+    from services.settings import Topics  # noqa: PLC0415
+    from services.worker import WorkerMetrics  # noqa: PLC0415
+
+    gateway, detector, recorder, learner = (
+        Metrics(c) for c in ("gateway", "detector", "recorder", "learner")
+    )
+    GatewayMetrics(gateway)
+    log = EmbeddedEventLog(tmp_path / "events.db")
+    outbox = Outbox(
+        tmp_path / "outbox.db", publisher=log.publisher(), topics=Topics(), metrics=gateway
+    )
+    DetectorMetrics(detector, window_s=60)
+    WorkerMetrics(detector)
+    WorkerMetrics(recorder)
+    LearnerMetrics(learner)
+    outbox.close(flush_timeout_s=0)
+    log.close()
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    names: dict[str, tuple[str, ...]] = {}
+    for metrics in (gateway, detector, recorder, learner):
+        for collector in set(metrics.registry._names_to_collectors.values()):
+            labels = tuple(collector._labelnames)  # type: ignore[attr-defined]
+            for family in collector.collect():
+                for suffix in suffixes[family.type]:
+                    names[family.name + suffix] = labels
+    return names
+
+
+def alert_rules() -> list[dict]:  # type: ignore[type-arg]
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def test_alert_rules_use_only_metrics_and_labels_the_services_export(tmp_path: Path) -> None:
+    exported = exported_metrics(tmp_path)
+    rules = alert_rules()
+    assert len({r["alert"] for r in rules}) == len(rules) >= 10
+    for rule in rules:
+        expr, name = rule["expr"], rule["alert"]
+        used = re.findall(r"\b(wildloop_[a-z0-9_]+)(\{[^}]*\})?", expr)
+        labels: set[str] = set(TARGET_LABELS)
+        for metric, selector in used:
+            assert metric in exported, f"{name}: {metric} is not exported by any service"
+            labels |= set(exported[metric])
+            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
+                assert label in exported[metric], f"{name}: {metric} has no label {label!r}"
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            for label in (x.strip() for x in group.split(",")):
+                assert label in labels, f"{name}: aggregates by unknown label {label!r}"
+        text = " ".join(str(v) for v in (rule.get("annotations") or {}).values())
+        for label in re.findall(r"\$labels\.(\w+)", text):
+            assert label in labels, f"{name}: its annotations use unknown label {label!r}"
+        assert rule["labels"]["severity"] in ("warning", "critical")
+
+
+def test_the_alert_rules_check_out_the_issue_goals_and_the_no_loss_guarantees() -> None:
+    exprs = {r["alert"]: r["expr"] for r in alert_rules()}
+    assert "wildloop_detector_dsat_rate_ratio" in exprs["WildloopDsatRateHigh"]
+    assert "> 1" in exprs["WildloopLabelLagHigh"]  # the detector's goal: label lag p99 < 1 s
+    assert "wildloop_gateway_unlogged_answers_total" in exprs["WildloopGatewayAnswersNotLogged"]
+    assert "wildloop_gateway_outbox_depth_events" in exprs["WildloopGatewayBacklogFilling"]
+
+
+def test_prometheus_scrapes_every_service_on_the_port_it_serves_metrics_on() -> None:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    services = compose()["services"]
+    scraped: dict[str, int] = {}
+    for job in config["scrape_configs"]:
+        (sd,) = job["dns_sd_configs"]
+        (host,) = sd["names"]
+        assert host in services, f"job {job['job_name']} scrapes no compose service"
+        scraped[host] = sd["port"]
+    for name, service in services.items():
+        env = service.get("environment") or {}
+        if service.get("command", [None])[0] == "serve":  # a wildloop service
+            port = env.get(
+                "WILDLOOP_GATEWAY__PORT" if name == "gateway" else "WILDLOOP_METRICS_PORT"
+            )
+            assert scraped.get(name) == int(port), f"{name}'s metrics are not scraped"
+            if name != "gateway":  # the gateway serves /metrics on its own port
+                assert env["WILDLOOP_METRICS_HOST"] == "0.0.0.0", f"{name} listens on loopback only"
+    assert scraped["vllm"] == 8000
+    mounts = services["prometheus"]["volumes"]
+    for rule_file in config["rule_files"]:
+        assert any(m.endswith(f":{rule_file}:ro") for m in mounts)
