@@ -127,6 +127,16 @@ def test_alert_rules_use_only_metrics_and_labels_the_services_export(tmp_path: P
         assert rule["labels"]["severity"] in ("warning", "critical")
 
 
+def test_every_alert_expression_is_valid_promql() -> None:
+    import promql_parser  # noqa: PLC0415
+
+    for rule in alert_rules():
+        promql_parser.parse(rule["expr"])  # raises ValueError on a syntax error
+        assert re.fullmatch(r"\d+[smh]", str(rule.get("for", "0s"))), rule["alert"]
+    with pytest.raises(ValueError):
+        promql_parser.parse("sum by (job (up)")
+
+
 def test_the_alert_rules_check_out_the_issue_goals_and_the_no_loss_guarantees() -> None:
     exprs = {r["alert"]: r["expr"] for r in alert_rules()}
     assert "wildloop_detector_dsat_rate_ratio" in exprs["WildloopDsatRateHigh"]
