@@ -3,6 +3,7 @@ only through settings that exist."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -105,26 +106,76 @@ def alert_rules() -> list[dict]:  # type: ignore[type-arg]
     return [rule for group in groups for rule in group["rules"]]
 
 
+def checked_labels(name: str, expr: str, exported: dict[str, tuple[str, ...]]) -> set[str]:
+    """Check that ``expr`` uses only exported wildloop metrics, each with labels it has, and
+    aggregates only by labels its metrics carry; return the labels its series can carry."""
+    used = re.findall(r"\b(wildloop_[a-z0-9_]+)(\{[^}]*\})?", expr)
+    assert used, f"{name}: no wildloop metric in {expr!r}"
+    labels: set[str] = set(TARGET_LABELS)
+    for metric, selector in used:
+        assert metric in exported, f"{name}: {metric} is not exported by any service"
+        labels |= set(exported[metric])
+        for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
+            assert label in exported[metric], f"{name}: {metric} has no label {label!r}"
+    for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+        for label in (x.strip() for x in group.split(",")):
+            assert label in labels, f"{name}: aggregates by unknown label {label!r}"
+    return labels
+
+
 def test_alert_rules_use_only_metrics_and_labels_the_services_export(tmp_path: Path) -> None:
     exported = exported_metrics(tmp_path)
     rules = alert_rules()
     assert len({r["alert"] for r in rules}) == len(rules) >= 10
     for rule in rules:
-        expr, name = rule["expr"], rule["alert"]
-        used = re.findall(r"\b(wildloop_[a-z0-9_]+)(\{[^}]*\})?", expr)
-        labels: set[str] = set(TARGET_LABELS)
-        for metric, selector in used:
-            assert metric in exported, f"{name}: {metric} is not exported by any service"
-            labels |= set(exported[metric])
-            for label in re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector):
-                assert label in exported[metric], f"{name}: {metric} has no label {label!r}"
-        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
-            for label in (x.strip() for x in group.split(",")):
-                assert label in labels, f"{name}: aggregates by unknown label {label!r}"
+        name = rule["alert"]
+        if rule["expr"].startswith("up{"):  # Prometheus's own series
+            continue
+        labels = checked_labels(name, rule["expr"], exported)
         text = " ".join(str(v) for v in (rule.get("annotations") or {}).values())
         for label in re.findall(r"\$labels\.(\w+)", text):
             assert label in labels, f"{name}: its annotations use unknown label {label!r}"
         assert rule["labels"]["severity"] in ("warning", "critical")
+
+
+def dashboard_targets() -> list[tuple[str, dict]]:  # type: ignore[type-arg]
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "wildloop.json").read_text())
+    return [
+        (panel["title"], target)
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", ())
+    ]
+
+
+def test_the_dashboard_queries_are_valid_promql_over_exported_metrics(tmp_path: Path) -> None:
+    import promql_parser  # noqa: PLC0415
+
+    exported = exported_metrics(tmp_path)
+    targets = dashboard_targets()
+    assert len(targets) >= 15
+    for title, target in targets:
+        # Grafana fills in $__rate_interval before Prometheus sees the query.
+        expr = target["expr"].replace("$__rate_interval", "1m")
+        promql_parser.parse(expr)
+        labels = checked_labels(title, expr, exported)
+        for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
+            assert label in labels, f"{title}: the legend uses unknown label {label!r}"
+    titles = " ".join(title for title, _ in targets)
+    assert "DSAT rate by model and adapter" in titles and "Label lag" in titles
+
+
+def test_grafana_is_provisioned_with_the_dashboard_and_its_datasource() -> None:
+    grafana = DEPLOY / "grafana"
+    source = yaml.safe_load((grafana / "provisioning/datasources/prometheus.yml").read_text())
+    (datasource,) = source["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+    uids = {t["datasource"]["uid"] for _, t in dashboard_targets()}
+    assert uids == {datasource["uid"]}
+    provider = yaml.safe_load((grafana / "provisioning/dashboards/wildloop.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    mounts = compose()["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{path}:ro" in mounts
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
 
 
 def test_every_alert_expression_is_valid_promql() -> None:
