@@ -352,9 +352,16 @@ def test_training_refuses_the_held_out_splits(tmp_path: Path, split: str) -> Non
 
 
 def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: Path) -> None:
-    """Same data, same seed, same selected configuration -> the same heads and dev metrics. A
+    """Same data, same seed, same selected configuration -> heads that label dev the same way. A
     failure on the data hashes means the dataset changed: retrain with
-    ``python -m services.detector.training`` and commit the new artefact."""
+    ``python -m services.detector.training`` and commit the new artefact.
+
+    Not bit-for-bit across machines: at the selected C = 32 lbfgs stops (at its tolerance) at
+    weights that depend on the CPU's floating-point kernels. Retrained on another development
+    machine (AMD EPYC), the packaged heads' weights moved by up to 0.34 (magnitudes up to ~8),
+    dev NLL and ECE by 0.002-0.005 and the temperature by 0.007; 249 of 251 dev verdicts kept
+    their polarity and rubrics, and every dev F1 was the same. So the decisions are compared,
+    within a couple of turns, not the weights."""
     packaged_heads, _, manifest = load_artefact(MODELS_DIR)
     for name, info in manifest["training"]["data"].items():
         assert not name.startswith(("test.", "holdout.", "holdout2."))
@@ -374,8 +381,19 @@ def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: 
         baseline=False,
     )
     retrained = train(cfg, embedder=encoder, say=lambda _msg: None)
-    assert retrained["dev_metrics"] == manifest["dev_metrics"]
-    heads, _, _ = load_artefact(tmp_path)
-    assert heads.config() == packaged_heads.config()
-    for key, packaged in packaged_heads.arrays().items():
-        np.testing.assert_allclose(heads.arrays()[key], packaged, atol=1e-4, err_msg=key)
+    heads, _, new_manifest = load_artefact(tmp_path)
+    config, packaged_config = heads.config(), packaged_heads.config()
+    assert config.pop("temperature") == pytest.approx(packaged_config.pop("temperature"), abs=0.05)
+    assert config == packaged_config
+    assert new_manifest.get("lexicon") == manifest.get("lexicon")
+    for key, value in manifest["dev_metrics"].items():
+        close = 0.01  # F1s and accuracies: about two dev turns
+        assert retrained["dev_metrics"][key] == pytest.approx(value, abs=close), key
+    dev = load_split("dev", DATA_DIR / "dev.conversations.jsonl", DATA_DIR / "dev.labels.jsonl")
+    again = ClassifierTier.load(tmp_path, embedder=encoder)
+    before, after = tier.judge(dev.contexts), again.judge(dev.contexts)
+    same = sum(
+        (a.polarity, a.sat, a.dsat) == (b.polarity, b.sat, b.dsat)
+        for a, b in zip(before, after, strict=True)
+    )
+    assert same >= 0.98 * len(dev.contexts), f"{len(dev.contexts) - same} dev verdicts changed"
