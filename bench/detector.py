@@ -1,8 +1,9 @@
 """How fast the detector labels turns: per tier, for the cascade, and live through the bus.
 
-1. **Throughput**: turns/s of each tier alone and of the cascade (rules, then the classifier for
-   what the rules are unsure of), judging the train+dev turns of the project's dataset repeated
-   to ``--turns`` turns, in batches of ``--batch``, on this machine's CPUs.
+1. **Throughput**: turns/s of each tier alone and of the configured cascade (by default rules,
+   then the classifier for what the rules are unsure of, then the encoder for what both are),
+   judging the train+dev turns of the project's dataset repeated to ``--turns`` turns, in
+   batches of ``--batch``, on this machine's CPUs.
 2. **Label lag** while ``--rate`` user turns/s stream through the event bus: a producer logs
    conversations (user turn + answer per step) to the embedded event log at that rate for
    ``--seconds``; ``wildloop serve detector``'s service (the real ``build_detector`` on SQLite)
@@ -60,11 +61,14 @@ def throughput(turns: int, batch: int) -> Table:
     contexts = [base[i % len(base)] for i in range(turns)]
     cfg = WildloopSettings().detector  # WILDLOOP_DETECTOR__* apply
     table = Table(title=f"detector throughput ({turns} turns, batches of {batch})")
-    for col in ("tier", "turns/s", "ms per batch", "decided by rules", "decided by classifier"):
+    deciders = ("rules", "classifier", "encoder")
+    table.add_column("tier", justify="right")
+    for col in ("turns/s", "ms per batch", *(f"decided by {d}" for d in deciders)):
         table.add_column(col, justify="right")
     for name, tiers in (
         ("rules", ["rules"]),
         ("classifier", ["classifier"]),
+        ("encoder", ["encoder"]),
         ("cascade", list(cfg.tiers)),
     ):
         cascade = build_cascade(cfg, tiers)
@@ -79,8 +83,7 @@ def throughput(turns: int, batch: int) -> Table:
             name,
             f"{len(contexts) / seconds:,.0f}",
             f"{seconds / -(-len(contexts) // batch) * 1000:.1f}",
-            f"{tiers_used.get('rules', 0) / len(contexts):.0%}",
-            f"{tiers_used.get('classifier', 0) / len(contexts):.0%}",
+            *(f"{tiers_used.get(d, 0) / len(contexts):.0%}" for d in deciders),
         )
     return table
 

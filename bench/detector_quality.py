@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument(
         "--split", default="test", choices=["train", "dev", "test", "holdout", "holdout2"]
     )
-    p.add_argument("--tiers", default="rules,classifier,cascade")
+    p.add_argument("--tiers", default="rules,classifier,encoder,cascade")
     p.add_argument(
         "--uss", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "uss"
     )
@@ -206,6 +206,12 @@ def main() -> None:
         action="store_true",
         help="on --split (use dev): cascade scores for a grid of rules thresholds, to choose "
         "WILDLOOP_DETECTOR__RULES_THRESHOLD; never sweep on test",
+    )
+    p.add_argument(
+        "--sweep-classifier",
+        action="store_true",
+        help="on --split (use dev): cascade scores and the share of turns reaching the encoder "
+        "for a grid of classifier thresholds, to choose WILDLOOP_DETECTOR__CLASSIFIER_THRESHOLD",
     )
     p.add_argument("--llm-url")
     p.add_argument("--llm-model")
@@ -230,6 +236,21 @@ def main() -> None:
         f"{platform.platform()} · Python {platform.python_version()}"
     )
     contexts, gold = load_split(args.split)
+    if args.sweep_classifier:
+        if args.split not in ("train", "dev"):
+            p.error("thresholds are chosen on dev; the held-out splits only report")
+        sweep = []
+        for threshold in (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01):
+            cascade = build_cascade(cfg.model_copy(update={"classifier_threshold": threshold}))
+            verdicts, seconds = run(cascade, contexts)
+            share = sum(v.tier == "encoder" for v in verdicts) / len(verdicts)
+            sweep.append(
+                score(
+                    f"classifier ≥ {threshold:g} ({share:.0%} to encoder)", gold, verdicts, seconds
+                )
+            )
+        console.print(table(f"cascade by classifier threshold on {args.split}", sweep))
+        return
     if args.sweep:
         if args.split == "test":
             p.error("thresholds are chosen on dev; the test split only reports")

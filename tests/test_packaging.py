@@ -25,6 +25,10 @@ def test_the_wheel_ships_migrations_demo_data_and_the_console_script(tmp_path: P
         "services/data/demo_conversations.jsonl",
         "services/detector/models/classifier_heads.npz",
         "services/detector/models/classifier_heads.json",
+        "services/detector/models/encoder/encoder.json",
+        "services/detector/models/encoder/adapter_config.json",
+        "services/detector/models/encoder/adapter_model.safetensors",
+        "services/detector/models/encoder/heads.safetensors",
     ):
         assert required in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

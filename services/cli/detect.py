@@ -18,14 +18,14 @@ def detect(
     tiers: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated cascade, cheapest first: rules,classifier,llm. "
-            "Default: WILDLOOP_DETECTOR__TIERS (rules,classifier)."
+            help="Comma-separated cascade, cheapest first, from rules,classifier,encoder,llm. "
+            "Default: WILDLOOP_DETECTOR__TIERS (rules,classifier,encoder)."
         ),
     ] = None,
 ) -> None:
     """Label every user turn that follows an assistant answer as SAT/DSAT/MIXED/NEUTRAL.
 
-    The rules and classifier tiers run offline; the llm tier calls
+    The rules, classifier and encoder tiers run offline; the llm tier calls
     WILDLOOP_DETECTOR__LLM_URL. A malformed input line is reported with its number and skipped
     (exit code 3); the output file is written whole or not at all.
     """

@@ -8,7 +8,7 @@ from services.detector.cascade import Cascade, CascadeMetrics, Stage
 from services.detector.judgement import Tier
 from services.settings import DetectorSettings
 
-TIER_NAMES = ("rules", "classifier", "llm")
+TIER_NAMES = ("rules", "classifier", "encoder", "llm")
 
 
 class DetectorConfigError(ValueError):
@@ -32,6 +32,18 @@ def build_tier(name: str, cfg: DetectorSettings) -> Tier:
             return ClassifierTier.load()
         except (OSError, ValueError) as exc:
             raise DetectorConfigError(f"cannot load the classifier tier: {exc}") from exc
+    if name == "encoder":
+        try:
+            from services.detector.tiers.encoder import EncoderTier  # noqa: PLC0415
+        except ImportError as exc:
+            raise DetectorConfigError(
+                f"the encoder tier needs the detector extra (pip install 'wildloop[detector]'):"
+                f" {exc}"
+            ) from exc
+        try:
+            return EncoderTier.load()
+        except (OSError, ValueError) as exc:
+            raise DetectorConfigError(f"cannot load the encoder tier: {exc}") from exc
     if name == "llm":
         if not cfg.llm_url or not cfg.llm_model:
             raise DetectorConfigError(
@@ -56,7 +68,11 @@ def build_tier(name: str, cfg: DetectorSettings) -> Tier:
 
 
 def threshold_for(name: str, cfg: DetectorSettings) -> float:
-    return {"rules": cfg.rules_threshold, "classifier": cfg.classifier_threshold}.get(name, 0.0)
+    return {
+        "rules": cfg.rules_threshold,
+        "classifier": cfg.classifier_threshold,
+        "encoder": cfg.encoder_threshold,
+    }.get(name, 0.0)
 
 
 def build_cascade(

@@ -581,13 +581,29 @@ class Heads:
 
     def decide(self, x: Any, tier: str = "classifier") -> list[Verdict]:
         """One verdict per row of ``x`` (see the module docstring for the rule)."""
-        n = x.shape[0]
-        if n == 0:
+        if x.shape[0] == 0:
             return []
-        probs = self.polarity_probs(x)
+        return self.decide_from(
+            self.polarity_probs(x), self.rubric_probs(x), self.category_scores(x), tier
+        )
+
+    def category_scores(self, x: Any) -> np.ndarray:
+        """Category logits, one column per ``category_classes`` entry."""
+        return _linear(x, self.category_w, self.category_b)
+
+    def decide_from(
+        self,
+        probs: np.ndarray,
+        rubrics: np.ndarray,
+        categories: np.ndarray,
+        tier: str = "classifier",
+    ) -> list[Verdict]:
+        """Verdicts from calibrated polarity probabilities (``POLARITIES`` columns), rubric
+        probabilities (``rubric_names`` columns) and category scores: the decision rule of
+        ``decide``, for a tier that computes the probabilities its own way (the encoder tier
+        blends its own with these heads')."""
+        n = probs.shape[0]
         choice = probs.argmax(axis=1)
-        rubrics = self.rubric_probs(x)
-        categories = _linear(x, self.category_w, self.category_b)
         sat_cols = [j for j, r in enumerate(self.rubric_names) if r in SAT_NAMES]
         dsat_cols = [j for j, r in enumerate(self.rubric_names) if r in DSAT_NAMES]
         verdicts: list[Verdict] = []
