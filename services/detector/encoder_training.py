@@ -28,7 +28,9 @@ import dataclasses
 import importlib.metadata
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -198,28 +200,40 @@ def calibrate(
 
 
 def save(directory: Path, net: Any, cfg: EncoderConfig, manifest: dict[str, Any]) -> dict[str, str]:
-    """Adapter + heads + manifest into ``directory``; returns the files' sha256."""
+    """Adapter + heads + manifest into ``directory``, whole or not at all: everything is written
+    to a sibling folder first, which then replaces ``directory``. Returns the files' sha256."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    directory.mkdir(parents=True, exist_ok=True)
-    net.encoder.save_pretrained(str(directory))
-    save_file(
-        {
-            "polarity.weight": net.polarity.weight.detach().contiguous(),
-            "polarity.bias": net.polarity.bias.detach().contiguous(),
-            "rubrics.weight": net.rubrics.weight.detach().contiguous(),
-            "rubrics.bias": net.rubrics.bias.detach().contiguous(),
-        },
-        str(directory / HEADS_FILE),
-    )
-    readme = directory / "README.md"
-    if readme.exists():  # PEFT writes a model card; the manifest is ours
-        readme.unlink()
-    files = {name: sha256_file(directory / name) for name in (*ADAPTER_FILES, HEADS_FILE)}
-    manifest = {**manifest, "config": cfg.to_json(), "files": files}
-    (directory / MANIFEST_FILE).write_text(
-        json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        net.encoder.save_pretrained(str(staging))
+        save_file(
+            {
+                "polarity.weight": net.polarity.weight.detach().contiguous(),
+                "polarity.bias": net.polarity.bias.detach().contiguous(),
+                "rubrics.weight": net.rubrics.weight.detach().contiguous(),
+                "rubrics.bias": net.rubrics.bias.detach().contiguous(),
+            },
+            str(staging / HEADS_FILE),
+        )
+        (staging / "README.md").unlink(missing_ok=True)  # PEFT's model card; the manifest is ours
+        files = {name: sha256_file(staging / name) for name in (*ADAPTER_FILES, HEADS_FILE)}
+        manifest = {**manifest, "config": cfg.to_json(), "files": files}
+        (staging / MANIFEST_FILE).write_text(
+            json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        previous = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        if directory.exists():
+            directory.rename(previous)
+        staging.rename(directory)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return files
 
 

@@ -230,3 +230,21 @@ def test_training_refuses_the_held_out_splits(
     with pytest.raises(ValueError, match="held out"):
         train_encoder(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_save_leaves_the_previous_artefact_whole(
+    small_data: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "encoder"
+    assert train_encoder(_args(small_data, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*_args: object, **_kwargs: object) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        train_encoder(_args(small_data, out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder"]  # no staging folder left
+    EncoderTier.load(out)
