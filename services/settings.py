@@ -140,15 +140,15 @@ class DetectorSettings(BaseModel):
         description="Tiers in cascade order; each later tier sees only the turns the earlier "
         'ones were unsure of. In the environment as JSON: WILDLOOP_DETECTOR__TIERS=\'["rules",'
         '"classifier","llm"]\'. The default ends with the fine-tuned encoder (better labels, '
-        '~600 turns/s on 2 cores); \'["rules","classifier"]\' runs at ~12,000 turns/s.',
+        '~640 turns/s on 2 cores); \'["rules","classifier"]\' runs at ~8,000 turns/s.',
     )
     rules_threshold: float = Field(
         default=0.65,
         ge=0.0,
         le=1.0,
         description="Rules verdicts at least this confident stand; the rest go to the next "
-        "tier. 0.65 keeps the cascade at rules speed (~20,000+ turns/s on 2 cores); 0.85 scored "
-        "+0.015 on the dev split at ~300 turns/s (docs/benchmarks.md).",
+        "tier. At 0.65 the rules decide ~60% of unseen turns; with the encoder in the cascade, "
+        "0.7-0.9 scored lower on dev (docs/detector.md).",
     )
     classifier_threshold: float = Field(
         default=0.6,
