@@ -62,12 +62,12 @@ from services.detector.tiers.encoder import (
 )
 from services.detector.training import (
     DATA_DIR,
-    KEY_METRICS,
     THRESHOLDS,
     Split,
     load_split,
     polarity_metrics,
     rubric_micro_f1,
+    score,
 )
 
 
@@ -146,10 +146,6 @@ def fine_tune(
     return net, tokenizer
 
 
-def _score(metrics: dict[str, float]) -> float:
-    return round(float(np.mean([metrics[k] for k in KEY_METRICS])), 6)
-
-
 def _nll(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
 
@@ -180,7 +176,7 @@ def calibrate(
         probs = blend_probs(logits[:, : len(POLARITIES)], lexical, blend)
         pred = [POLARITIES[int(k)].value for k in probs.argmax(axis=1)]
         metrics = polarity_metrics(dev.polarity, pred)
-        grid.append({"blend": blend, "score": _score(metrics), **metrics})
+        grid.append({"blend": blend, "score": score(metrics), **metrics})
     best = max(grid, key=lambda g: (g["score"], -abs(g["blend"] - PREFERRED_BLEND)))
     blend = float(best["blend"])
     temperature = fit_temperature(

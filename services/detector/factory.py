@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from services.detector.cascade import Cascade, CascadeMetrics, Stage
 from services.detector.judgement import Tier
@@ -20,30 +20,8 @@ def build_tier(name: str, cfg: DetectorSettings) -> Tier:
         from services.detector.tiers.rules import RulesTier  # noqa: PLC0415
 
         return RulesTier()
-    if name == "classifier":
-        try:
-            from services.detector.tiers.classifier import ClassifierTier  # noqa: PLC0415
-        except ImportError as exc:
-            raise DetectorConfigError(
-                f"the classifier tier needs the detector extra (pip install 'wildloop[detector]'):"
-                f" {exc}"
-            ) from exc
-        try:
-            return ClassifierTier.load()
-        except (OSError, ValueError) as exc:
-            raise DetectorConfigError(f"cannot load the classifier tier: {exc}") from exc
-    if name == "encoder":
-        try:
-            from services.detector.tiers.encoder import EncoderTier  # noqa: PLC0415
-        except ImportError as exc:
-            raise DetectorConfigError(
-                f"the encoder tier needs the detector extra (pip install 'wildloop[detector]'):"
-                f" {exc}"
-            ) from exc
-        try:
-            return EncoderTier.load()
-        except (OSError, ValueError) as exc:
-            raise DetectorConfigError(f"cannot load the encoder tier: {exc}") from exc
+    if name in ("classifier", "encoder"):
+        return _load_learned_tier(name)
     if name == "llm":
         if not cfg.llm_url or not cfg.llm_model:
             raise DetectorConfigError(
@@ -65,6 +43,27 @@ def build_tier(name: str, cfg: DetectorSettings) -> Tier:
             domain_and_intent=cfg.llm_domain_and_intent,
         )
     raise DetectorConfigError(f"unknown tier {name!r}; choose from {', '.join(TIER_NAMES)}")
+
+
+def _load_learned_tier(name: str) -> Tier:
+    """The packaged classifier or encoder tier, or a ``DetectorConfigError`` that says why not."""
+    try:
+        if name == "classifier":
+            from services.detector.tiers.classifier import ClassifierTier  # noqa: PLC0415
+
+            loader: Callable[[], Tier] = ClassifierTier.load
+        else:
+            from services.detector.tiers.encoder import EncoderTier  # noqa: PLC0415
+
+            loader = EncoderTier.load
+    except ImportError as exc:
+        raise DetectorConfigError(
+            f"the {name} tier needs the detector extra (pip install 'wildloop[detector]'): {exc}"
+        ) from exc
+    try:
+        return loader()
+    except (OSError, ValueError) as exc:
+        raise DetectorConfigError(f"cannot load the {name} tier: {exc}") from exc
 
 
 def threshold_for(name: str, cfg: DetectorSettings) -> float:

@@ -8,11 +8,14 @@ rubrics, never stored separately, so the two cannot disagree: both kinds present
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from services.events.schemas import DsatRubric, FeedbackCategory, Polarity, SatRubric
+
+log = logging.getLogger(__name__)
 
 Role = Literal["system", "user", "assistant"]
 
@@ -85,3 +88,32 @@ class Tier(Protocol):
     name: str
 
     def judge(self, contexts: Sequence[TurnContext]) -> list[Verdict]: ...
+
+
+def judge_guarded(
+    name: str,
+    contexts: Sequence[TurnContext],
+    usable: Callable[[TurnContext], object],
+    judge: Callable[[Sequence[TurnContext]], list[Verdict]],
+) -> list[Verdict]:
+    """``judge`` applied to the ``usable`` contexts as one batch; the others get ``failure``.
+    A batch that raises is retried turn by turn, and a turn that still raises gets ``failure``,
+    so one bad turn never costs its batch-mates their verdicts."""
+    verdicts: list[Verdict] = [failure(name)] * len(contexts)
+    chosen = [i for i, c in enumerate(contexts) if usable(c)]
+    if not chosen:
+        return verdicts
+    try:
+        judged = judge([contexts[i] for i in chosen])
+    except Exception:
+        log.exception("%s batch failed; judging its turns one by one", name)
+        judged = []
+        for i in chosen:
+            try:
+                judged.extend(judge([contexts[i]]))
+            except Exception:
+                log.exception("%s failed on one turn", name, extra={"turn": contexts[i].turn})
+                judged.append(failure(name))
+    for i, verdict in zip(chosen, judged, strict=True):
+        verdicts[i] = verdict
+    return verdicts

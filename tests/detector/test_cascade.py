@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import pytest
 
 from services.detector.cascade import Cascade, CascadeMetrics, Stage
-from services.detector.judgement import TurnContext, Verdict, failure
+from services.detector.judgement import TurnContext, Verdict, failure, judge_guarded
 from services.events.schemas import DsatRubric, Polarity, SatRubric
 from services.metrics import Metrics
 
@@ -137,3 +137,19 @@ def test_a_cascade_needs_a_tier_and_tiers_must_answer_every_turn() -> None:
 
     with pytest.raises(RuntimeError, match="1 verdicts for 2 turns"):
         Cascade([Stage(Lossy("rules", {}), 0.5)]).judge([turn("a"), turn("b")])
+
+
+def test_a_guarded_tier_loses_only_the_turn_that_breaks_it() -> None:
+    calls: list[int] = []
+
+    def judge(batch: Sequence[TurnContext]) -> list[Verdict]:
+        calls.append(len(batch))
+        if any(c.user == "boom" for c in batch):
+            raise RuntimeError("tier broke")
+        return [Verdict(confidence=0.9, tier="t") for _ in batch]
+
+    contexts = [TurnContext("c", i, u, "answer") for i, u in enumerate(["ok", "", "boom", "fine"])]
+    verdicts = judge_guarded("t", contexts, lambda c: c.user, judge)
+    assert [v.failed for v in verdicts] == [False, True, True, False]
+    assert [v.confidence for v in verdicts] == [0.9, 0.0, 0.0, 0.9]
+    assert calls == [3, 1, 1, 1]  # the batch of usable turns, then one by one

@@ -87,7 +87,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from services.detector.judgement import TurnContext, Verdict, failure
+from services.detector.judgement import TurnContext, Verdict, failure, judge_guarded
 from services.events.schemas import DsatRubric, FeedbackCategory, Polarity, SatRubric
 
 if TYPE_CHECKING:
@@ -821,24 +821,7 @@ class ClassifierTier:
         return cls(embedder, heads, text, version=version, manifest=manifest)
 
     def judge(self, contexts: Sequence[TurnContext]) -> list[Verdict]:
-        verdicts: list[Verdict] = [failure(self.name)] * len(contexts)
-        usable = [i for i, c in enumerate(contexts) if user_view(c, self.text)]
-        if not usable:
-            return verdicts
-        try:
-            judged = self._judge([contexts[i] for i in usable])
-        except Exception:
-            log.exception("classifier batch failed; judging its turns one by one")
-            judged = []
-            for i in usable:
-                try:
-                    judged.extend(self._judge([contexts[i]]))
-                except Exception:
-                    log.exception("classifier failed on one turn", extra={"turn": contexts[i].turn})
-                    judged.append(failure(self.name))
-        for i, verdict in zip(usable, judged, strict=True):
-            verdicts[i] = verdict
-        return verdicts
+        return judge_guarded(self.name, contexts, lambda c: user_view(c, self.text), self._judge)
 
     def features(self, contexts: Sequence[TurnContext]) -> np.ndarray:
         """What the heads see: the lexical features or the embedding views, then

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from services.detector.judgement import TurnContext, Verdict, failure
+from services.detector.judgement import TurnContext, Verdict, judge_guarded
 from services.detector.tiers.classifier import (
     MODELS_DIR,
     POLARITIES,
@@ -317,24 +317,9 @@ class EncoderTier:
         return cls(classifier, net, tokenizer, cfg, version=digest, manifest=manifest)
 
     def judge(self, contexts: Sequence[TurnContext]) -> list[Verdict]:
-        verdicts: list[Verdict] = [failure(self.name)] * len(contexts)
-        usable = [i for i, c in enumerate(contexts) if clean_text(c.user, self.cfg.user_chars)]
-        if not usable:
-            return verdicts
-        try:
-            judged = self._judge([contexts[i] for i in usable])
-        except Exception:
-            log.exception("encoder batch failed; judging its turns one by one")
-            judged = []
-            for i in usable:
-                try:
-                    judged.extend(self._judge([contexts[i]]))
-                except Exception:
-                    log.exception("encoder failed on one turn", extra={"turn": contexts[i].turn})
-                    judged.append(failure(self.name))
-        for i, verdict in zip(usable, judged, strict=True):
-            verdicts[i] = verdict
-        return verdicts
+        return judge_guarded(
+            self.name, contexts, lambda c: clean_text(c.user, self.cfg.user_chars), self._judge
+        )
 
     def logits(self, contexts: Sequence[TurnContext]) -> np.ndarray:
         """The encoder's raw polarity and rubric logits (see ``run_net``)."""
