@@ -41,6 +41,7 @@ from services.detector.factory import build_cascade
 from services.detector.judgement import TurnContext
 from services.detector.metrics import DetectorMetrics
 from services.detector.service import build_detector
+from services.detector.tiers.encoder import resolve_dtype
 from services.events.codec import decode
 from services.events.schemas import Role, TurnLabeled, TurnLogged
 from services.metrics import Metrics
@@ -59,14 +60,18 @@ def pct(values: list[float], q: float) -> float:
 
 def unseen_turns() -> list[TurnContext]:
     """The dataset's turns no tier was fitted on (texts only)."""
-    return [c for split in ("dev", "test", "holdout", "holdout2") for c in load_split(split)[0]]
+    splits = ("dev", "test", "holdout", "holdout2", "holdout3")
+    return [c for split in splits for c in load_split(split)[0]]
 
 
 def throughput(turns: int, batch: int) -> Table:
     base = unseen_turns()
     contexts = [base[i % len(base)] for i in range(turns)]
     cfg = WildloopSettings().detector  # WILDLOOP_DETECTOR__* apply
-    table = Table(title=f"detector throughput ({turns} turns, batches of {batch})")
+    arithmetic = resolve_dtype(cfg.encoder_dtype)
+    table = Table(
+        title=f"detector throughput ({turns} turns, batches of {batch}, encoder in {arithmetic})"
+    )
     deciders = ("rules", "classifier", "encoder")
     table.add_column("tier", justify="right")
     for col in ("turns/s", "ms per batch", *(f"decided by {d}" for d in deciders)):

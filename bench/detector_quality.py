@@ -1,6 +1,7 @@
 """How well the detector labels turns, per tier and for the cascade (WildFeedback Table 6 style).
 
-On the project's labelled split (default: ``test``, which no training or rule tuning sees):
+On the project's labelled split (default: ``holdout3``, the freshest split no training or tuning
+sees; ``--split test+holdout+holdout2`` pools several):
 
 * SAT-present and DSAT-present as binary tasks (gold/predicted polarity in {SAT, MIXED}, resp.
   {DSAT, MIXED}): accuracy, precision, recall, F1 and Cohen's kappa;
@@ -13,7 +14,7 @@ mapped to polarity by the dataset's README: mean <= 2 DSAT, >= 4 SAT, else NEUTR
 out-of-domain check; nothing is tuned to it. USS is 98% NEUTRAL, so F1 of the rare classes is
 the figure to read, not accuracy.
 
-    .venv/bin/python bench/detector_quality.py [--split test] [--tiers rules,classifier,cascade]
+    .venv/bin/python bench/detector_quality.py [--split holdout3] [--tiers rules,classifier,cascade]
         [--uss ../shared/data/uss --uss-per-corpus N] [--llm-url URL --llm-model NAME]
 """
 
@@ -58,6 +59,31 @@ class Gold:
     polarity: str
     sat: frozenset[str]
     dsat: frozenset[str]
+
+
+SPLITS = ("train", "dev", "test", "holdout", "holdout2", "holdout3")
+
+
+def split_names(text: str) -> list[str]:
+    """``"dev"`` or several splits pooled: ``"test+holdout+holdout2"``."""
+    names = text.split("+")
+    unknown = [n for n in names if n not in SPLITS]
+    if unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use one of {', '.join(SPLITS)}, or several joined by '+' (no repeats)"
+        )
+    return names
+
+
+def load_splits(names: Sequence[str]) -> tuple[list[TurnContext], list[Gold]]:
+    """The turns of the named splits, pooled."""
+    contexts: list[TurnContext] = []
+    gold: list[Gold] = []
+    for name in names:
+        c, g = load_split(name)
+        contexts += c
+        gold += g
+    return contexts, gold
 
 
 def load_split(split: str) -> tuple[list[TurnContext], list[Gold]]:
@@ -191,7 +217,10 @@ def table(title: str, results: list[Result]) -> Table:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--split", default="test", choices=["train", "dev", "test", "holdout", "holdout2"]
+        "--split",
+        default="holdout3",
+        type=split_names,
+        help="the split to score, or several pooled: test+holdout+holdout2 (default holdout3)",
     )
     p.add_argument("--tiers", default="rules,classifier,encoder,cascade")
     p.add_argument(
@@ -235,9 +264,10 @@ def main() -> None:
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC · {os.cpu_count()} CPUs · "
         f"{platform.platform()} · Python {platform.python_version()}"
     )
-    contexts, gold = load_split(args.split)
+    contexts, gold = load_splits(args.split)
+    split = "+".join(args.split)
     if args.sweep_classifier:
-        if args.split not in ("train", "dev"):
+        if not set(args.split) <= {"train", "dev"}:
             p.error("thresholds are chosen on dev; the held-out splits only report")
         sweep = []
         for threshold in (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01):
@@ -249,27 +279,27 @@ def main() -> None:
                     f"classifier ≥ {threshold:g} ({share:.0%} to encoder)", gold, verdicts, seconds
                 )
             )
-        console.print(table(f"cascade by classifier threshold on {args.split}", sweep))
+        console.print(table(f"cascade by classifier threshold on {split}", sweep))
         return
     if args.sweep:
-        if args.split == "test":
-            p.error("thresholds are chosen on dev; the test split only reports")
+        if not set(args.split) <= {"train", "dev"}:
+            p.error("thresholds are chosen on dev; the held-out splits only report")
         sweep = []
         for threshold in (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.01):
             cascade = build_cascade(cfg.model_copy(update={"rules_threshold": threshold}))
             verdicts, seconds = run(cascade, contexts)
             sweep.append(score(f"rules ≥ {threshold:g}", gold, verdicts, seconds))
-        console.print(table(f"cascade by rules threshold on {args.split}", sweep))
+        console.print(table(f"cascade by rules threshold on {split}", sweep))
         return
     results = []
     for name, cascade in setups.items():
         verdicts, seconds = run(cascade, contexts)
         results.append(score(name, gold, verdicts, seconds))
     console.print(
-        table(f"detector quality on the project's {args.split} split ({len(gold)} turns)", results)
+        table(f"detector quality on the project's {split} split ({len(gold)} turns)", results)
     )
 
-    rubrics = Table(title=f"per-rubric recall on {args.split} (hits/gold)")
+    rubrics = Table(title=f"per-rubric recall on {split} (hits/gold)")
     rubrics.add_column("rubric")
     for r in results:
         rubrics.add_column(r.name, justify="right")

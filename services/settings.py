@@ -140,29 +140,45 @@ class DetectorSettings(BaseModel):
         description="Tiers in cascade order; each later tier sees only the turns the earlier "
         'ones were unsure of. In the environment as JSON: WILDLOOP_DETECTOR__TIERS=\'["rules",'
         '"classifier","llm"]\'. The default ends with the fine-tuned encoder (better labels, '
-        '~640 turns/s on 2 cores); \'["rules","classifier"]\' runs at ~8,000 turns/s.',
+        '~2,200 turns/s on 2 cores); \'["rules","classifier"]\' runs at ~5,800 turns/s.',
     )
     rules_threshold: float = Field(
-        default=0.65,
+        default=0.95,
         ge=0.0,
         le=1.0,
         description="Rules verdicts at least this confident stand; the rest go to the next "
-        "tier. At 0.65 the rules decide ~60% of unseen turns; with the encoder in the cascade, "
-        "0.7-0.9 scored lower on dev (docs/detector.md).",
+        "tier. At 0.95 the rules keep only their surest cues (~11% of unseen turns); the "
+        "classifier, which reads the rules' verdict as features, judges the rest. On dev, 0.65 "
+        "(the rules decide ~60%) scored 0.04 lower DSAT-present F1 (docs/detector.md).",
     )
     classifier_threshold: float = Field(
-        default=0.6,
+        default=0.5,
         ge=0.0,
         le=1.0,
         description="Classifier verdicts at least this confident stand; the rest go to the "
-        "next tier (with the default cascade ~17% of dev turns reach the encoder at 0.6; "
-        "docs/detector.md has the sweep).",
+        "next tier. At 0.5 ~11% of turns reach the encoder and the default cascade keeps its "
+        "2,000 turns/s goal on 2 cores; 0.6 sends ~20%, scores higher on dev and runs at "
+        "~1,300 turns/s (docs/detector.md has the sweep).",
     )
     encoder_threshold: float = Field(
         default=0.0,
         ge=0.0,
         le=1.0,
         description="Encoder verdicts at least this confident stand (when a tier follows it).",
+    )
+    encoder_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="Arithmetic of the encoder tier. auto: bfloat16 on CPUs that multiply it "
+        "natively (AVX512-BF16 or AMX), else float32. bfloat16 is ~1.7x faster there and "
+        "changes few verdicts (docs/detector.md); labels carry the version suffix -bf16.",
+    )
+    blas_threads: int | None = Field(
+        default=1,
+        ge=1,
+        description="Threads numpy/scipy's BLAS may use in a detector process (None: the "
+        "library's default, one per core). The learned tiers' matrices are small, and an idle "
+        "OpenBLAS thread spins for a while after each call, taking the cores the encoder's "
+        "torch threads need: with 1, the default cascade runs ~25% faster on 2 cores.",
     )
     history_messages: int = Field(
         default=4, ge=0, description="Messages before the judged answer given to each tier."

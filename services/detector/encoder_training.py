@@ -250,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=EncoderConfig().max_length)
+    parser.add_argument(
+        "--layers", type=int, default=EncoderConfig().layers, help="MiniLM layers kept (1-6)"
+    )
     parser.add_argument("--tail-chars", type=int, default=EncoderConfig().assistant_tail_chars)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (reproducibility)")
@@ -263,7 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = load_split("dev", args.dev_conversations, args.dev_labels)
     _say(f"train {len(train.labels)} turns, dev {len(dev.labels)} turns")
     cfg = EncoderConfig(
-        lora_r=args.lora_r, max_length=args.max_length, assistant_tail_chars=args.tail_chars
+        lora_r=args.lora_r,
+        max_length=args.max_length,
+        assistant_tail_chars=args.tail_chars,
+        layers=args.layers,
     )
     net, tokenizer = fine_tune(
         train,

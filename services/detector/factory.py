@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 from services.detector.cascade import Cascade, CascadeMetrics, Stage
@@ -21,7 +22,7 @@ def build_tier(name: str, cfg: DetectorSettings) -> Tier:
 
         return RulesTier()
     if name in ("classifier", "encoder"):
-        return _load_learned_tier(name)
+        return _load_learned_tier(name, cfg)
     if name == "llm":
         if not cfg.llm_url or not cfg.llm_model:
             raise DetectorConfigError(
@@ -45,7 +46,7 @@ def build_tier(name: str, cfg: DetectorSettings) -> Tier:
     raise DetectorConfigError(f"unknown tier {name!r}; choose from {', '.join(TIER_NAMES)}")
 
 
-def _load_learned_tier(name: str) -> Tier:
+def _load_learned_tier(name: str, cfg: DetectorSettings) -> Tier:
     """The packaged classifier or encoder tier, or a ``DetectorConfigError`` that says why not."""
     try:
         if name == "classifier":
@@ -55,7 +56,7 @@ def _load_learned_tier(name: str) -> Tier:
         else:
             from services.detector.tiers.encoder import EncoderTier  # noqa: PLC0415
 
-            loader = EncoderTier.load
+            loader = functools.partial(EncoderTier.load, dtype=cfg.encoder_dtype)
     except ImportError as exc:
         raise DetectorConfigError(
             f"the {name} tier needs the detector extra (pip install 'wildloop[detector]'): {exc}"
@@ -85,5 +86,19 @@ def build_cascade(
         raise DetectorConfigError("no detector tiers configured")
     if len(set(names)) != len(names):
         raise DetectorConfigError(f"a tier is listed twice: {','.join(names)}")
+    limit_blas_threads(cfg.blas_threads)
     stages = [Stage(build_tier(n, cfg), threshold_for(n, cfg)) for n in names]
     return Cascade(stages, metrics=metrics)
+
+
+def limit_blas_threads(threads: int | None) -> None:
+    """Cap numpy/scipy's BLAS thread pools for this process (see ``DetectorSettings.
+    blas_threads``); a no-op when ``threads`` is None or threadpoolctl is not installed (the
+    rules tier alone needs neither)."""
+    if threads is None:
+        return
+    try:
+        from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    except ImportError:
+        return
+    threadpool_limits(limits=threads, user_api="blas")

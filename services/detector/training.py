@@ -6,8 +6,8 @@ Reads ``train.*.jsonl`` (fit) and ``dev.*.jsonl`` (model selection and calibrati
 user,pair,user+pair`` adds the all-MiniLM-L6-v2 embedding views), and writes
 ``classifier_heads.npz`` + ``classifier_heads.json`` (the manifest: data hashes and sizes, the
 lexicon or the embedding model, seed, the selection grid and the dev metrics) into
-``services/detector/models/``. The test split is never read: the script refuses any input file
-whose name starts with ``test.``, ``holdout.`` or ``holdout2.``.
+``services/detector/models/``. The test splits are never read: the script refuses any input
+file whose name starts with ``test.`` or ``holdout<N>.`` (``holdout.``, ``holdout2.``, ...).
 
 Why lexical by default
     With the rules' confidence table fitted on the first 716 train turns, the rules are unsure
@@ -107,6 +107,7 @@ import importlib.metadata
 import itertools
 import json
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -145,6 +146,8 @@ from services.events.schemas import DsatRubric, FeedbackCategory, SatRubric
 from services.formats import ConversationRecord, LabelRecord, LineError, read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+# test.*, holdout.*, holdout2.*, holdout3.*, ...: evaluated only, never read by training
+HELD_OUT_FILE = re.compile(r"^(test|holdout\d*)\.")
 SEED = 20261123
 C_GRID = (0.5, 2.0, 8.0, 32.0)
 # Multipliers of the stacked rules features tried on dev; 0 means "no stacking" (tried first,
@@ -190,7 +193,7 @@ class Split:
 
 
 def _refuse_test_split(path: Path) -> None:
-    if path.name.startswith(("test.", "holdout.", "holdout2.")):
+    if HELD_OUT_FILE.match(path.name):
         raise DataError(f"{path}: the test splits are held out; train on train, select on dev")
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "source"
-SPLITS = ("train", "dev", "test", "holdout", "holdout2")
+SPLITS = ("train", "dev", "test", "holdout", "holdout2", "holdout3")
 TAGS = {"S: ": "system", "U: ": "user", "A: ": "assistant", "L: ": "label"}
 
 

@@ -2,7 +2,7 @@
 
 Run: python services/detector/data/check.py   (exit status 0 = all checks passed)
 
-Checks, per split (train, dev, test, holdout, holdout2):
+Checks, per split (train, dev, test, holdout, holdout2, holdout3):
 - every line of `<split>.conversations.jsonl` and `<split>.labels.jsonl` parses as the
   FORMATS.md record (roles user/assistant, an optional leading system message);
 - every label points at a user message that follows at least one assistant message, and every
@@ -12,8 +12,8 @@ Checks, per split (train, dev, test, holdout, holdout2):
   iff both are empty); category agrees with polarity (see README.md, "Labelling guidelines");
 - conversation ids are unique across all splits;
 - no user text is reused across the dataset (short stock replies such as "thanks!" at most
-  three times), and no user turn of a held-out split (test, holdout, holdout2) is a near copy of a
-  train/dev one or of the other held-out split.
+  three times), and no user turn of a held-out split (test, holdout, holdout2, holdout3) is a
+  near copy of a train/dev one or of another held-out split.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SPLITS = ("train", "dev", "test", "holdout", "holdout2")
-HELD_OUT = ("test", "holdout", "holdout2")  # evaluated only: no near copies of train/dev allowed
+SPLITS = ("train", "dev", "test", "holdout", "holdout2", "holdout3")
+# evaluated only: no near copies of train/dev (or of each other) allowed
+HELD_OUT = ("test", "holdout", "holdout2", "holdout3")
 
 SAT_RUBRICS = (
     "Gratitude",
@@ -72,7 +73,7 @@ LABEL_KEYS = {
     "tier",
 }
 # Dataset-specific floors (README.md): every rubric at least this often per split.
-MIN_RUBRIC = {"train": 4, "dev": 1, "test": 3, "holdout": 3, "holdout2": 4}
+MIN_RUBRIC = {"train": 4, "dev": 1, "test": 3, "holdout": 3, "holdout2": 4, "holdout3": 4}
 SHORT_TEXT = 20  # user texts up to this length may repeat (at most MAX_SHORT_REPEATS times)
 MAX_SHORT_REPEATS = 3
 NEAR_COPY = 0.8  # Jaccard similarity of word sets that counts as a near copy

@@ -65,14 +65,31 @@ MANIFEST_FILE = "encoder.json"
 HEADS_FILE = "heads.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 LORA_TARGETS = ("query", "key", "value", "dense")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``float32`` or ``bfloat16``: ``auto`` is bfloat16 where the CPU multiplies bfloat16
+    natively (AVX512-BF16 or AMX, e.g. Zen 4, Sapphire Rapids), else float32 (emulated
+    bfloat16 is slower than float32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    import torch  # noqa: PLC0415
+
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    native = native or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bfloat16" if native else "float32"
 
 
 @dataclass(frozen=True, slots=True)
 class EncoderConfig:
     """How turns become the encoder's input and how its output is blended (in the manifest)."""
 
-    max_length: int = 64  # tokens of the pair, including [CLS]/[SEP]
-    assistant_tail_chars: int = 200
+    max_length: int = 48  # tokens of the pair, including [CLS]/[SEP]
+    layers: int = 3  # transformer layers of MiniLM kept (the first ``layers`` of its six)
+    assistant_tail_chars: int = 120
     user_chars: int = 1000
     lora_r: int = 16
     blend: float = 0.4  # weight of the encoder's probabilities; the lexical heads get the rest
@@ -83,6 +100,8 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if not 8 <= self.max_length <= 512:
             raise ValueError("max_length must be within 8..512 (the model's limit is 512)")
+        if not 1 <= self.layers <= 6:
+            raise ValueError("layers must be within 1..6 (all-MiniLM-L6-v2 has six)")
         if not 0.0 <= self.blend <= 1.0:
             raise ValueError("blend must be within 0..1")
         if not self.temperature > 0:
@@ -144,7 +163,7 @@ def build_net(cfg: EncoderConfig, *, model_path: Path | None = None) -> Any:
     """A fresh trainable network: MiniLM with a LoRA adapter, plus untrained heads."""
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415
 
-    encoder = _load_minilm(model_path)
+    encoder = _load_minilm(model_path, cfg.layers)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=2 * cfg.lora_r,
@@ -154,7 +173,8 @@ def build_net(cfg: EncoderConfig, *, model_path: Path | None = None) -> Any:
     return _net_class()(get_peft_model(encoder, lora), int(encoder.config.hidden_size))
 
 
-def _load_minilm(model_path: Path | None) -> Any:
+def _load_minilm(model_path: Path | None, layers: int) -> Any:
+    """MiniLM with only its first ``layers`` transformer layers (the rest are dropped)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch  # noqa: PLC0415
     from transformers import AutoModel  # noqa: PLC0415
@@ -162,7 +182,11 @@ def _load_minilm(model_path: Path | None) -> Any:
 
     hf_logging.disable_progress_bar()
     path = model_path or embedding_model_path()
-    return AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    if layers < len(model.encoder.layer):
+        model.encoder.layer = model.encoder.layer[:layers]
+        model.config.num_hidden_layers = layers
+    return model
 
 
 def _net_class() -> Any:
@@ -208,7 +232,7 @@ def run_net(net: Any, tokens: Sequence[Any], micro_batch: int, pad_id: int) -> n
     with torch.inference_mode():
         for rows in length_groups([len(t[0]) for t in tokens], micro_batch):
             polarity, rubrics = net(*collate(tokens, rows, pad_id))
-            out[rows] = torch.cat([polarity, rubrics], dim=1).numpy()
+            out[rows] = torch.cat([polarity, rubrics], dim=1).float().numpy()
     return out
 
 
@@ -270,10 +294,13 @@ class EncoderTier:
         *,
         classifier: ClassifierTier | None = None,
         model_path: Path | None = None,
+        dtype: str = "auto",
     ) -> EncoderTier:
         """The tier from the artefact in ``path`` (default: the packaged one), blended with
-        ``classifier`` (default: the packaged classifier tier)."""
+        ``classifier`` (default: the packaged classifier tier), computing in ``dtype`` (see
+        ``resolve_dtype``; the artefact is float32, bfloat16 is a cast at load)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch  # noqa: PLC0415
         from peft import PeftModel  # noqa: PLC0415
         from safetensors.torch import load_file  # noqa: PLC0415
         from transformers import AutoTokenizer  # noqa: PLC0415
@@ -297,7 +324,7 @@ class EncoderTier:
                     "loaded": classifier.version,
                 },
             )
-        minilm = _load_minilm(model_path)
+        minilm = _load_minilm(model_path, cfg.layers)
         merged = PeftModel.from_pretrained(minilm, str(directory)).merge_and_unload()
         net = _net_class()(merged, int(minilm.config.hidden_size))
         heads = load_file(str(directory / HEADS_FILE))
@@ -308,13 +335,17 @@ class EncoderTier:
             {"weight": heads["rubrics.weight"], "bias": heads["rubrics.bias"]}
         )
         net.eval()
+        dtype = resolve_dtype(dtype)
+        if dtype == "bfloat16":
+            net.to(torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(
             str(model_path or embedding_model_path()), local_files_only=True
         )
         digest = hashlib.sha256(
             "".join(manifest["files"][n] for n in sorted(manifest["files"])).encode()
         ).hexdigest()[:12]
-        return cls(classifier, net, tokenizer, cfg, version=digest, manifest=manifest)
+        version = digest if dtype == "float32" else f"{digest}-bf16"  # labels may differ a little
+        return cls(classifier, net, tokenizer, cfg, version=version, manifest=manifest)
 
     def judge(self, contexts: Sequence[TurnContext]) -> list[Verdict]:
         return judge_guarded(
