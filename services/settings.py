@@ -135,12 +135,14 @@ class DetectorSettings(BaseModel):
     """The SAT/DSAT detector (``wildloop serve detector`` and ``wildloop detect``)."""
 
     tiers: list[Literal["rules", "classifier", "encoder", "llm"]] = Field(
-        default_factory=lambda: ["rules", "classifier", "encoder"],
+        default_factory=lambda: ["rules", "classifier"],
         min_length=1,
         description="Tiers in cascade order; each later tier sees only the turns the earlier "
         'ones were unsure of. In the environment as JSON: WILDLOOP_DETECTOR__TIERS=\'["rules",'
-        '"classifier","llm"]\'. The default ends with the fine-tuned encoder (better labels, '
-        '~2,200 turns/s on 2 cores); \'["rules","classifier"]\' runs at ~5,800 turns/s.',
+        '"classifier","encoder"]\'. The default (~5,800 turns/s on 2 cores) scored best on dev '
+        "among the cascades that keep 2,000 turns/s; appending the fine-tuned encoder adds "
+        "SAT recall (dev SAT-present F1 +0.02-0.04, DSAT-present F1 the same or lower) at "
+        "~2,100 turns/s (classifier threshold 0.5) down to ~960 (0.7); docs/detector.md.",
     )
     rules_threshold: float = Field(
         default=0.95,
@@ -149,16 +151,16 @@ class DetectorSettings(BaseModel):
         description="Rules verdicts at least this confident stand; the rest go to the next "
         "tier. At 0.95 the rules keep only their surest cues (~11% of unseen turns); the "
         "classifier, which reads the rules' verdict as features, judges the rest. On dev, 0.65 "
-        "(the rules decide ~60%) scored 0.04 lower DSAT-present F1 (docs/detector.md).",
+        "(the rules decide ~60%) scored 0.04 lower on both SAT- and DSAT-present F1.",
     )
     classifier_threshold: float = Field(
         default=0.5,
         ge=0.0,
         le=1.0,
         description="Classifier verdicts at least this confident stand; the rest go to the "
-        "next tier. At 0.5 ~11% of turns reach the encoder and the default cascade keeps its "
-        "2,000 turns/s goal on 2 cores; 0.6 sends ~20%, scores higher on dev and runs at "
-        "~1,300 turns/s (docs/detector.md has the sweep).",
+        "next tier, when one follows (the default cascade ends with the classifier). With the "
+        "encoder after it, 0.5 sends ~11% of turns there and keeps 2,000 turns/s on 2 cores; "
+        "0.7 sends ~35%, scores higher on dev and runs at ~960 turns/s (docs/detector.md).",
     )
     encoder_threshold: float = Field(
         default=0.0,

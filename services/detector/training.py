@@ -40,7 +40,14 @@ Procedure (deterministic: fixed seed, lbfgs solvers, no shuffling)
     3. The same grid on character n-gram TF-IDF features of the user turn and the answer's
        tail is a baseline; its dev numbers go into the manifest.
 
-Current result (train 1,542 turns, dev 251): ``lexical`` features (3,392 words), stacked rules
+Current result (2026-12-07, third session; train 1,852 turns with the sixth batch, dev 251):
+``lexical`` features, stacked rules features (scale 2.0), C = 8; dev polarity accuracy 0.801,
+macro-F1 0.797, SAT-present F1 0.855, DSAT-present F1 0.800, rubric micro-F1 0.596, category
+accuracy 0.713 (score 0.818; the top five grid points score 0.810-0.818). Since then the
+default cascade is rules >= 0.95 -> classifier (the rules keep ~11% of turns): dev 0.855 /
+0.798, fresh ``holdout3`` 0.848 / 0.798 (docs/detector.md).
+
+Previous result (train 1,542 turns, dev 251): ``lexical`` features (3,392 words), stacked rules
 features (scale 0.5), C = 32, temperature 1.51, rubric threshold 0.5; dev polarity accuracy 0.745,
 macro-F1 0.757, SAT-present F1 0.826, DSAT-present F1 0.724, rubric micro-F1 0.566, category
 accuracy 0.681 (score 0.769; the best unstacked head scored 0.740, the character TF-IDF baseline

