@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from services.detector.cascade import Cascade, CascadeMetrics, Stage
+from services.detector.factory import build_cascade
 from services.detector.judgement import TurnContext, Verdict, failure, judge_guarded
 from services.events.schemas import DsatRubric, Polarity, SatRubric
 from services.metrics import Metrics
+from services.settings import DetectorSettings
 
 
 class Scripted:
@@ -153,3 +157,14 @@ def test_a_guarded_tier_loses_only_the_turn_that_breaks_it() -> None:
     assert [v.failed for v in verdicts] == [False, True, True, False]
     assert [v.confidence for v in verdicts] == [0.9, 0.0, 0.0, 0.9]
     assert calls == [3, 1, 1, 1]  # the batch of usable turns, then one by one
+
+
+def test_building_a_cascade_caps_numpy_blas_threads_as_configured() -> None:
+    """Idle OpenBLAS threads spin on the cores the encoder's torch threads need; a detector
+    process keeps numpy's BLAS at ``blas_threads`` (default 1)."""
+    np.ones((64, 64)) @ np.ones((64, 64))  # BLAS loaded
+    build_cascade(DetectorSettings(tiers=["rules"]))
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas and all(pool["num_threads"] == 1 for pool in blas)
+    with pytest.raises(ValueError, match="blas_threads"):
+        DetectorSettings(blas_threads=0)
