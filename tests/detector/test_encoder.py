@@ -140,6 +140,14 @@ def test_bfloat16_arithmetic_labels_dev_like_float32(tier: EncoderTier) -> None:
     assert gaps[len(gaps) // 2] <= 0.01 and gaps[-1] <= 0.05
 
 
+def test_a_manifest_from_before_layers_existed_keeps_all_six_layers() -> None:
+    old = {"max_length": 64, "assistant_tail_chars": 200, "blend": 0.5, "temperature": 0.97}
+    assert EncoderConfig.from_json(old).layers == 6
+    assert EncoderConfig.from_json({**old, "layers": 3}).layers == 3
+    with pytest.raises(ValueError, match="layers"):
+        EncoderConfig(layers=7)
+
+
 def test_auto_arithmetic_is_float32_or_bfloat16_and_nothing_else_is_accepted() -> None:
     assert resolve_dtype("auto") in ("float32", "bfloat16")
     assert resolve_dtype("float32") == "float32"

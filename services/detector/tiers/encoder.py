@@ -115,6 +115,7 @@ class EncoderConfig:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> EncoderConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        doc = {"layers": 6, **doc}  # artefacts written before ``layers`` existed kept all six
         return cls(**{k: v for k, v in doc.items() if k in names})
 
 
