@@ -361,8 +361,11 @@ def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: 
     weights that depend on the CPU's floating-point kernels. Retrained on another development
     machine (AMD EPYC), the packaged heads' weights moved by up to 0.34 (magnitudes up to ~8),
     dev NLL and ECE by 0.002-0.005 and the temperature by 0.007; 249 of 251 dev verdicts kept
-    their polarity and rubrics, and every dev F1 was the same. So the decisions are compared,
-    within a couple of turns, not the weights."""
+    their polarity and rubrics, and every dev F1 was the same. The number of BLAS threads numpy
+    uses changes the endpoint as well (a detector process caps them at one; the packaged heads
+    were trained with two): on the same machine a retrain under one thread gave dev ECE 0.057
+    against the packaged 0.067 with the F1s within 0.01. So the decisions are compared, within
+    a couple of turns, not the weights."""
     packaged_heads, _, manifest = load_artefact(MODELS_DIR)
     for name, info in manifest["training"]["data"].items():
         assert not HELD_OUT_FILE.match(name)
@@ -388,7 +391,9 @@ def test_training_reproduces_the_packaged_heads(tier: ClassifierTier, tmp_path: 
     assert config == packaged_config
     assert new_manifest.get("lexicon") == manifest.get("lexicon")
     for key, value in manifest["dev_metrics"].items():
-        close = 0.01  # F1s and accuracies: about two dev turns
+        # F1s, accuracies and NLL: 0.01, about two dev turns. ECE (10 bins over 251 turns) moves
+        # by ~0.01 when a few confidences cross a bin edge: 0.02.
+        close = 0.02 if key.startswith("ece") else 0.01
         assert retrained["dev_metrics"][key] == pytest.approx(value, abs=close), key
     dev = load_split("dev", DATA_DIR / "dev.conversations.jsonl", DATA_DIR / "dev.labels.jsonl")
     again = ClassifierTier.load(tmp_path, embedder=encoder)
