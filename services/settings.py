@@ -171,7 +171,7 @@ class DetectorSettings(BaseModel):
     encoder_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto",
         description="Arithmetic of the encoder tier. auto: bfloat16 on CPUs that multiply it "
-        "natively (AVX512-BF16 or AMX), else float32. bfloat16 is ~1.7x faster there and "
+        "natively (AVX512-BF16 or AMX), else float32. bfloat16 is ~1.6x faster there and "
         "changes few verdicts (docs/detector.md); labels carry the version suffix -bf16.",
     )
     blas_threads: int | None = Field(

@@ -122,7 +122,7 @@ def test_odd_input_never_raises(tier: EncoderTier) -> None:
 
 
 def test_bfloat16_arithmetic_labels_dev_like_float32(tier: EncoderTier) -> None:
-    """The bfloat16 cast (``auto`` on CPUs with native bfloat16) is ~1.7x faster; on dev it
+    """The bfloat16 cast (``auto`` on CPUs with native bfloat16) is ~1.6x faster; on dev it
     kept every polarity and rubric, with confidences within 0.01. Its labels carry their own
     detector version, so a store never mixes the two under one version."""
     dev = load_split(
