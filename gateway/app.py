@@ -40,6 +40,7 @@ from gateway.protocol import (
     UnloadAdapterRequest,
 )
 from gateway.serving import ChatService
+from gateway.timing import RequestTiming
 from services.bus.factory import build_bus
 from services.events.schemas import AdapterAction, AdapterLifecycleChanged
 from services.logs import configure_logging
@@ -78,7 +79,9 @@ def default_backend(settings: WildloopSettings) -> ChatBackend:
 
 class LimitsAndMetrics:
     """ASGI middleware: refuse bodies over the limit (413) while they stream in, and record
-    request count and latency to the last byte, labelled by route/model/adapter/status."""
+    request count and latency to the last byte, labelled by route/model/adapter/status, and for
+    a chat request that got its answer, the gateway's critical path (``gateway.timing``: the
+    route fills in ``scope["state"]["timing"]``)."""
 
     def __init__(self, app: ASGIApp, *, max_body: int, metrics: GatewayMetrics) -> None:
         self.app = app
@@ -97,7 +100,8 @@ class LimitsAndMetrics:
             return
         seen = 0
         status = 500
-        scope.setdefault("state", {})
+        timing = RequestTiming(started)
+        scope.setdefault("state", {})["timing"] = timing
 
         async def limited_receive() -> Message:
             nonlocal seen
@@ -121,8 +125,13 @@ class LimitsAndMetrics:
                     state.get("adapter", ""),
                     str(status),
                 )
+                now = time.perf_counter()
                 self.metrics.requests.labels(*labels).inc()
-                self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+                self.metrics.latency.labels(*labels).observe(now - started)
+                # a stream ended when its closing events went out (its answer is logged after)
+                critical = timing.critical_s(timing.answered_at or now)
+                if critical is not None:
+                    self.metrics.critical_path.labels(str(timing.stream).lower()).observe(critical)
 
         await self.app(scope, limited_receive, observed_send)
 
@@ -262,16 +271,19 @@ def _install_routes(app: FastAPI) -> None:
         x_conversation_id: Annotated[str | None, Header()] = None,
     ) -> Response:
         request.state.model = body.model
+        timing: RequestTiming = request.state.timing
         target = await svc.resolve_model(body.model)
         request.state.adapter = target.adapter or ""
         if body.stream:
-            stream, conversation = await svc.prepare_stream(body, key, x_conversation_id, target)
+            stream, conversation = await svc.prepare_stream(
+                body, key, x_conversation_id, target, timing
+            )
             return StreamingResponse(
                 stream,
                 media_type="text/event-stream",
                 headers={"X-Conversation-Id": conversation, "Cache-Control": "no-cache"},
             )
-        answered = asyncio.ensure_future(svc.complete(body, key, x_conversation_id, target))
+        answered = asyncio.ensure_future(svc.complete(body, key, x_conversation_id, target, timing))
         try:
             while not answered.done():
                 await asyncio.wait({answered}, timeout=DISCONNECT_POLL_S)

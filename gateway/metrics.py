@@ -36,6 +36,15 @@ class GatewayMetrics:
             ["stream"],
             buckets=OVERHEAD_BUCKETS,
         )
+        self.critical_path = metrics.histogram(
+            "critical_path",
+            "seconds",
+            "The gateway's share of a chat request's wait: from the app receiving it to the "
+            "backend request going out, plus from the backend's last piece to the answer's end "
+            "handed to the server (gateway.timing). Requests the backend answered.",
+            ["stream"],
+            buckets=OVERHEAD_BUCKETS,
+        )
         self.disconnects = metrics.counter(
             "client_disconnects",
             "Requests whose client went away before the answer was complete, by stream.",

@@ -41,6 +41,7 @@ from gateway.protocol import (
     ResponseMessage,
     Usage,
 )
+from gateway.timing import RequestTiming
 from services.events.schemas import FeedbackSubmitted, Rating, Role, TurnLogged
 from services.store.keys import KeyInfo
 
@@ -156,10 +157,13 @@ class ChatService:
         key: KeyInfo,
         conversation_header: str | None,
         target: Target | None = None,
+        timing: RequestTiming | None = None,
     ) -> tuple[ChatCompletion, str, float]:
         """The completion, its conversation id, and the milliseconds spent in the backend.
-        ``target`` is ``request.model`` already resolved, if the caller did."""
+        ``target`` is ``request.model`` already resolved, if the caller did; ``timing`` gets the
+        backend's window (the app observes the critical path from it once the response is sent)."""
         entered = time.perf_counter()
+        timing = timing or RequestTiming(entered)
         x = await self._exchange(request, key, conversation_header, target)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
@@ -169,7 +173,12 @@ class ChatService:
             )
         except BackendError as exc:
             raise from_backend(exc) from exc
-        backend_ms = (time.perf_counter() - started) * 1000
+        returned = time.perf_counter()
+        timing.backend(
+            started if result.upstream_sent_at is None else result.upstream_sent_at,
+            returned if result.upstream_last_at is None else result.upstream_last_at,
+        )
+        backend_ms = (returned - started) * 1000
         # Blocked on the model server, when the backend knows; else the whole backend call.
         upstream_ms = backend_ms if result.upstream_s is None else result.upstream_s * 1000
         self._log(
@@ -203,6 +212,7 @@ class ChatService:
         key: KeyInfo,
         conversation_header: str | None,
         target: Target | None = None,
+        timing: RequestTiming | None = None,
     ) -> tuple[AsyncIterator[bytes], str]:
         """The SSE body generator and the conversation id.
 
@@ -210,7 +220,12 @@ class ChatService:
         before any byte of the response: a backend that is down, times out or does not know the
         adapter gets a plain HTTP error in OpenAI's shape, as a non-streamed request does, not a
         200 followed by an error event. The status line, the role event and the first token
-        then leave together, after the backend request (none of them on the way in)."""
+        then leave together, after the backend request (none of them on the way in).
+
+        ``timing`` gets the backend's window and the moment the closing events were handed to the
+        server; the stream's closing comment carries the critical path up to then."""
+        timing = timing or RequestTiming.now()
+        timing.stream = True
         x = await self._exchange(request, key, conversation_header, target)
         started = time.perf_counter()
         started_at = datetime.now(UTC)
@@ -227,10 +242,10 @@ class ChatService:
             raise
         waited = time.perf_counter() - started
         opened = _Opened(stream, first, started, started_at, waited)
-        return self._stream(request, x, opened), x.conversation
+        return self._stream(request, x, opened, timing), x.conversation
 
     async def _stream(
-        self, request: ChatCompletionRequest, x: Exchange, opened: _Opened
+        self, request: ChatCompletionRequest, x: Exchange, opened: _Opened, timing: RequestTiming
     ) -> AsyncIterator[bytes]:
         encode = ChunkEncoder(f"chatcmpl-{uuid.uuid4().hex}", x.model)
         stream, started, started_at = opened.stream, opened.started, opened.started_at
@@ -271,26 +286,31 @@ class ChatService:
                 raise BackendError("the backend's stream ended without a finish")
             if end.upstream_s is not None:  # the backend's own work is the gateway's time
                 waited = end.upstream_s
-            span = end.upstream_span_s
-            if span is None:
-                span = last_back - first_ask
+            sent = first_ask if end.upstream_sent_at is None else end.upstream_sent_at
+            last = last_back if end.upstream_last_at is None else end.upstream_last_at
+            timing.backend(sent, last)
+            span = last - sent
             # The closing events go out in one write (one ASGI message, one socket send): they
             # are ready together, and at high concurrency every send is queued behind every
             # other stream's.
             tail = [head, encode.finish(end.finish_reason)]
             if include_usage:
                 tail.append(encode.usage(end.prompt_tokens, end.completion_tokens))
-            # An SSE comment (clients skip it), so a client can tell the gateway's own share,
-            # like X-Upstream-Ms on plain responses: the time spent waiting on the backend, and
-            # the span from the backend request to its last piece (the gateway's per-chunk work
-            # within it overlaps generation).
+            # SSE comments (clients skip them), so a client can tell the gateway's own share,
+            # like X-Upstream-Ms on plain responses: the time spent waiting on the backend; the
+            # span from the backend request to its last piece (the gateway's per-chunk work
+            # within it overlaps generation); and the gateway's critical path, as measured
+            # inside it, up to these closing events being ready (``gateway.timing``).
+            ready = time.perf_counter()
             tail.append(
                 f": upstream-ms={waited * 1000:.3f}\n"
-                f": upstream-span-ms={span * 1000:.3f}\n\n".encode()
+                f": upstream-span-ms={span * 1000:.3f}\n"
+                f": gateway-ms={(timing.critical_s(ready) or 0.0) * 1000:.3f}\n\n".encode()
             )
             tail.append(b"data: [DONE]\n\n")
-            self.metrics.overhead.labels("true").observe(time.perf_counter() - started - waited)
+            self.metrics.overhead.labels("true").observe(ready - started - waited)
             yield b"".join(tail)
+            timing.answered_at = time.perf_counter()
         except BackendError as exc:
             err = from_backend(exc)
             body = ErrorResponse.of(err.message, err.type, err.code)

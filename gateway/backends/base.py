@@ -40,6 +40,10 @@ class Completion:
     # Seconds the backend was blocked on a model server (request sent -> answer received), for
     # a backend that calls one; None for an in-process model. See ``StreamEnd.upstream_s``.
     upstream_s: float | None = field(default=None, compare=False)
+    # When the request went out and the answer came in (``time.perf_counter()``), for a backend
+    # that calls a model server. See ``StreamEnd.upstream_sent_at``.
+    upstream_sent_at: float | None = field(default=None, compare=False)
+    upstream_last_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +65,20 @@ class StreamEnd:
     # (building the request, parsing chunks) is excluded, so the gateway can report the time it
     # added. None for an in-process model, whose whole time is generation.
     upstream_s: float | None = field(default=None, compare=False)
-    # Wall seconds from the request going out to the last piece of the answer coming in: the
-    # part of the request's life the gateway spent relaying, with its per-chunk work overlapped.
-    upstream_span_s: float | None = field(default=None, compare=False)
+    # When the request went out to the model server and when the last piece of the answer came
+    # in (``time.perf_counter()``), for a backend that calls one. Between the two the gateway
+    # relays, its per-chunk work overlapped with generation; before and after them is the
+    # gateway's share of the user's wait (``RequestTiming``). None for an in-process model:
+    # the gateway then uses the moments it called the backend and got its last item.
+    upstream_sent_at: float | None = field(default=None, compare=False)
+    upstream_last_at: float | None = field(default=None, compare=False)
+
+    @property
+    def upstream_span_s(self) -> float | None:
+        """Wall seconds from the request going out to the last piece coming in."""
+        if self.upstream_sent_at is None or self.upstream_last_at is None:
+            return None
+        return self.upstream_last_at - self.upstream_sent_at
 
 
 StreamItem = TextDelta | StreamEnd

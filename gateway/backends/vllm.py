@@ -126,6 +126,9 @@ class VllmBackend:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             upstream_s=_between(marks),
+            # the answer arrives whole: its headers mark when it came in
+            upstream_sent_at=marks[0] if marks else None,
+            upstream_last_at=marks[1] if len(marks) >= 2 else None,
         )
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
@@ -143,7 +146,7 @@ class VllmBackend:
         The ``StreamEnd`` carries the time spent blocked on vLLM: request sent to response
         headers (the client's event hooks mark both), plus every wait for the next piece of the
         body. Building the request and parsing chunks are the gateway's own time. It also
-        carries the span from the request going out to the last piece coming in.
+        carries when the request went out and when the last piece came in.
         """
         finish: FinishReason = "stop"
         prompt_tokens = completion_tokens = 0
@@ -193,7 +196,8 @@ class VllmBackend:
             prompt_tokens,
             completion_tokens,
             upstream_s=wait.seconds,
-            upstream_span_s=wait.last - marks[0] if marks and wait.last else None,
+            upstream_sent_at=marks[0] if marks else None,
+            upstream_last_at=wait.last or None,
         )
 
     def _body(self, request: GenerationRequest, **extra: Any) -> dict[str, Any]:

@@ -183,7 +183,7 @@ def test_streaming_matches_the_non_streamed_answer_and_reports_usage(gateway: Ga
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
-def test_a_stream_ends_by_telling_how_long_the_gateway_waited_on_the_backend(
+def test_a_stream_ends_by_telling_how_long_the_gateway_waited_and_what_it_added(
     gateway: Gateway,
 ) -> None:
     started = time.perf_counter()
@@ -192,11 +192,14 @@ def test_a_stream_ends_by_telling_how_long_the_gateway_waited_on_the_backend(
     total_ms = (time.perf_counter() - started) * 1000
     comments = dict(line[2:].split("=") for line in lines if line.startswith(": "))
     waited, span = float(comments["upstream-ms"]), float(comments["upstream-span-ms"])
+    own = float(comments["gateway-ms"])
     # SSE comments (which clients skip) after the last chunk, just before the end
     data = [i for i, line in enumerate(lines) if line.startswith("data: {")]
     assert lines[-1] == "data: [DONE]"
     assert all(data[-1] < i < len(lines) - 1 for i, x in enumerate(lines) if x.startswith(": "))
     assert 0 < waited <= span < total_ms
+    # the gateway's own share of the wait lies within what the client saw outside the span
+    assert 0 < own < total_ms - span
 
 
 def test_sampling_parameters_pass_through(gateway: Gateway) -> None:
@@ -511,3 +514,26 @@ def test_health_readiness_and_metrics(gateway: Gateway) -> None:
     assert "wildloop_gateway_request_duration_seconds_bucket" in text
     assert "wildloop_gateway_outbox_depth_events" in text
     assert 'wildloop_gateway_tokens_total{kind="completion"}' in text
+
+
+def critical_path_counts(gateway: Gateway) -> dict[str, float]:
+    """``wildloop_gateway_critical_path_seconds_count`` by its ``stream`` label."""
+    counts: dict[str, float] = {}
+    for line in httpx.get(f"{gateway.url}/metrics").text.splitlines():
+        if line.startswith("wildloop_gateway_critical_path_seconds_count{"):
+            label, value = line.split("}")
+            counts[label.split('"')[1]] = float(value)
+    return counts
+
+
+def test_answered_chat_requests_record_the_gateway_s_critical_path(gateway: Gateway) -> None:
+    before = critical_path_counts(gateway)
+    ask(gateway.client(), "ping")
+    with gateway.raw_stream("ping", max_tokens=2) as response:
+        assert response.status_code == 200
+        list(response.iter_lines())
+    with pytest.raises(openai.NotFoundError):  # never reached the backend: not counted
+        ask(gateway.client(), "ping", model="no-such-model")
+    after = critical_path_counts(gateway)
+    assert after["false"] - before.get("false", 0) == 1
+    assert after["true"] - before.get("true", 0) == 1
