@@ -36,7 +36,7 @@ quoted). vLLM reports no span: against it the floor and net columns are empty.
 
 *In-gateway* is the same critical path as the gateway measures it inside its own process
 (``: gateway-ms=...``, ``gateway.timing``, and ``wildloop_gateway_critical_path_seconds``): from
-the app receiving the parsed request to the backend request going out, plus from the backend's
+the app having the whole request to the backend request going out, plus from the backend's
 last piece coming in to the closing events being ready. It is what the gateway's code adds, and
 it leaves out what only an outside view sees: the time a request or a chunk waited in the
 kernel while the event loop was busy with other streams, uvicorn's HTTP parsing, the two extra

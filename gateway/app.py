@@ -110,6 +110,10 @@ class LimitsAndMetrics:
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
                     raise GatewayError(413, f"request body exceeds {self.max_body} bytes")
+                if not message.get("more_body"):
+                    # the whole request is in: waiting for the client to send it is not the
+                    # gateway's time
+                    timing.received_at = time.perf_counter()
             return message
 
         async def observed_send(message: Message) -> None:
