@@ -105,15 +105,14 @@ class LimitsAndMetrics:
 
         async def limited_receive() -> Message:
             nonlocal seen
+            asked = time.perf_counter()
             message = await receive()
             if message["type"] == "http.request":
+                # waiting for the client to send its body is not the gateway's time
+                timing.received_at += time.perf_counter() - asked
                 seen += len(message.get("body", b""))
                 if seen > self.max_body:
                     raise GatewayError(413, f"request body exceeds {self.max_body} bytes")
-                if not message.get("more_body"):
-                    # the whole request is in: waiting for the client to send it is not the
-                    # gateway's time
-                    timing.received_at = time.perf_counter()
             return message
 
         async def observed_send(message: Message) -> None:

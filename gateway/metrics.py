@@ -39,7 +39,7 @@ class GatewayMetrics:
         self.critical_path = metrics.histogram(
             "critical_path",
             "seconds",
-            "The gateway's share of a chat request's wait: from the app having the whole request "
+            "The gateway's share of a chat request's wait: from the app getting the request "
             "to the backend request going out, plus from the backend's last piece to the answer's "
             "end handed to the server (gateway.timing). Requests the backend answered.",
             ["stream"],

@@ -1,8 +1,9 @@
 """The gateway's share of a user's wait on one chat request.
 
 A chat request spends most of its life waiting for the model. What the gateway adds to the wait
-a user sees is the time from having the whole request to the backend request going out
-(validation, routing, authentication, conversation linking, building the backend request) and
+a user sees is the time from the app getting the request to the backend request going out
+(routing, validation, authentication, conversation linking, building the backend request; not
+the wait for a slow client's body) and
 the time after the backend's last piece comes in (relaying it, the closing events, handing them
 to the server). In between, the gateway relays chunks while the model is still generating: that
 work overlaps generation and is not on the user's path unless the gateway falls behind (which
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 
 @dataclass(slots=True)
 class RequestTiming:
-    received_at: float  # the app had the whole request (headers, then the body once read)
+    # the app got the request, moved on by any time spent waiting for the client's body
+    received_at: float
     backend_sent_at: float | None = None  # the backend request went out (or the backend was called)
     backend_last_at: float | None = None  # the backend's last piece came in
     answered_at: float | None = None  # a stream's closing events were handed to the server

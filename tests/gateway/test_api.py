@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -200,6 +201,35 @@ def test_a_stream_ends_by_telling_how_long_the_gateway_waited_and_what_it_added(
     assert 0 < waited <= span < total_ms
     # the gateway's own share of the wait lies within what the client saw outside the span
     assert 0 < own < total_ms - span
+
+
+def test_a_slow_client_s_upload_is_not_counted_as_the_gateway_s_time(gateway: Gateway) -> None:
+    body = json.dumps(
+        {
+            "model": "SmolLM2-135M-Instruct",
+            "stream": True,
+            "max_tokens": 2,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Hi."}],
+        }
+    ).encode()
+    host, port = gateway.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\n"
+            + f"Host: {host}\r\nAuthorization: Bearer {gateway.chat_key}\r\n".encode()
+            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n".encode()
+            + b"Connection: close\r\n\r\n"
+        )
+        time.sleep(0.5)  # the headers are in; the body comes half a second later
+        conn.sendall(body)
+        received = b""
+        while b"data: [DONE]" not in received:
+            piece = conn.recv(65536)
+            assert piece, received
+            received += piece
+    own_ms = float(received.split(b": gateway-ms=")[1].split(b"\n")[0])
+    assert 0 < own_ms < 250
 
 
 def test_sampling_parameters_pass_through(gateway: Gateway) -> None:
