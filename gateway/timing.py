@@ -3,11 +3,11 @@
 A chat request spends most of its life waiting for the model. What the gateway adds to the wait
 a user sees is the time from the app getting the request to the backend request going out
 (routing, validation, authentication, conversation linking, building the backend request; not
-the wait for a slow client's body) and
-the time after the backend's last piece comes in (relaying it, the closing events, handing them
-to the server). In between, the gateway relays chunks while the model is still generating: that
-work overlaps generation and is not on the user's path unless the gateway falls behind (which
-shows in time to first token and in ``wildloop_gateway_overhead_seconds``).
+the wait for a slow client's body) and the time after the backend's last piece comes in
+(relaying it, the closing events, handing them to the server). In between, the gateway relays
+chunks while the model is still generating: that work overlaps generation and is not on the
+user's path unless the gateway falls behind (which shows in time to first token and in
+``wildloop_gateway_overhead_seconds``).
 
 ``RequestTiming`` carries the four instants through one request, on the ``time.perf_counter()``
 clock; ``wildloop_gateway_critical_path_seconds`` is observed from it when the response ends.
