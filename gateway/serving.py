@@ -105,6 +105,10 @@ class ChatService:
             return Target(name, None)
         if name in await self.backend.adapters():
             return Target(name, name)
+        # The list may be a recent copy: another worker of this gateway may just have loaded
+        # the adapter on the shared model server. Ask again before refusing.
+        if name in await self.backend.adapters(fresh=True):
+            return Target(name, name)
         raise GatewayError(
             404, f"The model '{name}' does not exist", code="model_not_found", param="model"
         )

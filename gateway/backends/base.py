@@ -131,8 +131,9 @@ class ChatBackend(Protocol):
         iterator early (client gone) stops generation."""
         ...
 
-    async def adapters(self) -> dict[str, str]:
-        """Loaded adapters: name -> path."""
+    async def adapters(self, *, fresh: bool = False) -> dict[str, str]:
+        """Loaded adapters: name -> path. A backend that keeps a recent copy of the list asks
+        its server again when ``fresh`` (an adapter another gateway process just loaded)."""
         ...
 
     async def load_adapter(self, name: str, path: str) -> None:

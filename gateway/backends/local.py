@@ -567,7 +567,8 @@ class LocalBackend:
 
     # --- adapters ----------------------------------------------------------------------------
 
-    async def adapters(self) -> dict[str, str]:
+    async def adapters(self, *, fresh: bool = False) -> dict[str, str]:
+        """The adapters this process holds (always current: ``fresh`` changes nothing)."""
         return {name: loaded.path for name, loaded in self._adapters.items()}
 
     async def load_adapter(self, name: str, path: str) -> None:

@@ -88,7 +88,7 @@ class VllmBackend:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=root, headers=headers, timeout=timeout)
         self._adapters_ttl_s = adapters_ttl_s
-        self._adapters_cache: tuple[float, dict[str, str]] | None = None
+        self._adapters_cache: tuple[float, dict[str, str]] | None = None  # (expires, list)
 
     async def start(self) -> None:
         """Nothing to load: the server owns the model; connections open on first use."""
@@ -233,15 +233,18 @@ class VllmBackend:
 
     # --- adapters -----------------------------------------------------------------------------
 
-    async def adapters(self) -> dict[str, str]:
+    async def adapters(self, *, fresh: bool = False) -> dict[str, str]:
         """Adapters the server has loaded: name -> the folder it was loaded from.
 
         The gateway asks on every request for a named model, so the list is kept for
         ``adapters_ttl_s`` (and refreshed at once after a load or unload through this backend):
-        an adapter loaded on the server by someone else is seen within that time.
+        an adapter loaded on the server by someone else is seen within that time. ``fresh``
+        asks the server in any case: the gateway does so before refusing a model name, so an
+        adapter that another gateway worker has just loaded is served at once (a request for
+        an unknown name costs one ``GET /v1/models``).
         """
         now = time.monotonic()
-        if self._adapters_cache is not None and self._adapters_cache[0] > now:
+        if not fresh and self._adapters_cache is not None and self._adapters_cache[0] > now:
             return dict(self._adapters_cache[1])
         models = await self._models()
         found = {

@@ -38,17 +38,21 @@ GREEDY = {"temperature": 0.0, "max_tokens": 8}
 
 
 class Workers:
-    def __init__(self, url: str, settings: WildloopSettings, key: str, log: Path) -> None:
-        self.url, self.settings, self.key, self.log = url, settings, key, log
+    def __init__(
+        self, url: str, settings: WildloopSettings, key: str, admin_key: str, log: Path
+    ) -> None:
+        self.url, self.settings, self.log = url, settings, log
+        self.key, self.admin_key = key, admin_key
 
-    def chat(self, messages: list[dict[str, str]], **extra: object) -> tuple[str, str]:
+    def chat(
+        self, messages: list[dict[str, str]], model: str = BASE, **extra: object
+    ) -> tuple[str, str]:
         """(conversation id, answer) of one request on a new connection."""
         with openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0) as client:
             raw = client.chat.completions.with_raw_response.create(
-                model=BASE,
+                model=model,
                 messages=messages,  # type: ignore[arg-type]
-                **GREEDY,  # type: ignore[arg-type]
-                **extra,  # type: ignore[arg-type]
+                **{**GREEDY, **extra},  # type: ignore[arg-type]
             )
         return raw.headers["x-conversation-id"], raw.parse().choices[0].message.content or ""
 
@@ -77,6 +81,9 @@ def workers(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory) -
     settings = WildloopSettings(data_dir=data_dir)
     store = Store.open(settings.store_url)
     key, _ = keys.create_key(store, tenant_id="acme", name="chat")
+    admin_key, _ = keys.create_key(
+        store, tenant_id="acme", name="ops", scopes=frozenset({"chat", "admin"})
+    )
     store.close()
     port = free_port()
     log = data_dir / "gateway.log"
@@ -105,7 +112,7 @@ def workers(vllm_server: VllmServer, tmp_path_factory: pytest.TempPathFactory) -
                 return False
 
         wait_for(ready, timeout_s=120)
-        yield Workers(url, settings, key, log)
+        yield Workers(url, settings, key, admin_key, log)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -166,6 +173,37 @@ def test_when_the_draining_worker_dies_another_delivers_the_turns(workers: Worke
     wait_for(lambda: len(workers.turns()) >= before + 6)
     pids = workers.drainer_pids()
     assert len(pids) >= 2 and pids[-1] != pids[-2], "another process became the drainer"
+
+
+@pytest.mark.slow
+def test_an_adapter_loaded_through_one_worker_is_served_at_once_by_every_worker(
+    workers: Workers, lora_adapter: Path, adapter_name: str
+) -> None:
+    question = [{"role": "user", "content": "Say hi."}]
+    # each worker looks the name up and keeps the answer (no such model) for a while
+    for _ in range(6):
+        with pytest.raises(openai.NotFoundError):
+            workers.chat(question, model=adapter_name)
+    admin = {"Authorization": f"Bearer {workers.admin_key}"}
+    loaded = httpx.post(
+        f"{workers.url}/v1/load_lora_adapter",
+        json={"lora_name": adapter_name, "lora_path": str(lora_adapter)},
+        headers=admin,
+        timeout=120,
+    )
+    assert loaded.status_code == 200, loaded.text
+    try:
+        for _ in range(6):  # on new connections: either worker answers
+            _, answer = workers.chat(question, model=adapter_name, max_tokens=1)
+            assert answer
+    finally:
+        unloaded = httpx.post(
+            f"{workers.url}/v1/unload_lora_adapter",
+            json={"lora_name": adapter_name},
+            headers=admin,
+            timeout=60,
+        )
+        assert unloaded.status_code == 200, unloaded.text
 
 
 def test_several_workers_are_refused_for_the_local_backend(tmp_path: Path) -> None:

@@ -196,6 +196,21 @@ async def test_dpo_trained_adapter_loads_serves_and_unloads(
 
 
 @pytest.mark.slow
+async def test_an_adapter_another_process_loaded_is_found_when_asked_fresh(
+    vllm_server: VllmServer, vllm: VllmBackend, lora_adapter: Path, adapter_name: str
+) -> None:
+    # two gateway workers, each with its own backend and its own recent copy of the list
+    other = VllmBackend(vllm_server.base_url, base_model=vllm_server.served_name)
+    try:
+        assert adapter_name not in await vllm.adapters()  # this worker's copy is now warm
+        await other.load_adapter(adapter_name, str(lora_adapter))
+        assert (await vllm.adapters(fresh=True))[adapter_name] == str(lora_adapter)
+        await other.unload_adapter(adapter_name)
+    finally:
+        await other.close()
+
+
+@pytest.mark.slow
 async def test_a_folder_without_an_adapter_is_an_adapter_load_error(
     vllm: VllmBackend, adapter_name: str, tmp_path: Path
 ) -> None:
