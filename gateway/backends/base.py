@@ -73,13 +73,6 @@ class StreamEnd:
     upstream_sent_at: float | None = field(default=None, compare=False)
     upstream_last_at: float | None = field(default=None, compare=False)
 
-    @property
-    def upstream_span_s(self) -> float | None:
-        """Wall seconds from the request going out to the last piece coming in."""
-        if self.upstream_sent_at is None or self.upstream_last_at is None:
-            return None
-        return self.upstream_last_at - self.upstream_sent_at
-
 
 StreamItem = TextDelta | StreamEnd
 
