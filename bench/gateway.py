@@ -71,6 +71,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -78,6 +79,7 @@ from aiohttp import web
 from rich.console import Console
 from rich.table import Table
 
+from bench import wire
 from services.settings import WildloopSettings
 from services.store import keys
 from services.store.repository import Store
@@ -129,6 +131,7 @@ class Run:
     seconds: float
     own_ms: list[float] | None = None
     cpu_ms_per_request: float | None = None
+    wire: list[wire.Crossing] | None = None  # --wire: the gateway's crossings, from packets
 
     @property
     def throughput(self) -> float:
@@ -151,19 +154,32 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def drive(concurrency: int, total: int, one: Callable[[int], Awaitable[Sample]]) -> Run:
-    """``total`` requests from ``concurrency`` concurrent clients."""
+Request = Callable[[int], Awaitable[Sample]]
+
+
+async def drive(concurrency: int, total: int, one: Request, warm: Request | None = None) -> Run:
+    """``total`` requests from ``concurrency`` concurrent clients.
+
+    With ``warm``, each client first sends one request that is not counted (``warm(k)`` for
+    client ``k``): the level's connections are then open on both hops, and the clients have
+    fallen out of step (their warm-up answers differ in length), as in steady traffic. Without
+    it, a level starts with ``concurrency`` requests in the same instant, each on a new
+    connection: at 32 streams the gateway takes them one after another and the last leaves
+    ~40 ms after it came in (seen on the wire), a start-up wave that made 1.6-5% of a level's
+    requests and so set its p99."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(total):
         queue.put_nowait(i)
     samples: list[Sample] = []
 
-    async def client() -> None:
+    async def client(k: int) -> None:
+        if warm is not None:
+            await warm(k)
         while not queue.empty():
             samples.append(await one(queue.get_nowait()))
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(concurrency)))
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
     return Run(
         [x.latency_ms for x in samples],
         [x.ttft_ms for x in samples],
@@ -174,10 +190,13 @@ async def drive(concurrency: int, total: int, one: Callable[[int], Awaitable[Sam
     )
 
 
-def body(i: int, mix: Mix) -> dict[str, object]:
+def body(i: int, mix: Mix, tag: str) -> dict[str, object]:
+    """Request ``i`` of the mix; ``tag`` (unique in a run) goes at the end of the prompt, so
+    that ``--wire`` can tell its packets apart on both sides of the gateway."""
+    prompt = f"{PROMPTS[i % len(PROMPTS)]} {wire.tag_text(tag)}"
     return {
         "model": BASE,
-        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": mix.tokens(i),
         "temperature": 0,
         "stream": True,
@@ -217,6 +236,18 @@ async def read_stream(http: aiohttp.ClientSession, path: str, payload: dict[str,
     return Sample(total, ttft if ttft is not None else total, added, critical, own_ms)
 
 
+def requests(http: aiohttp.ClientSession, mix: Mix, level: int) -> tuple[Request, Request]:
+    """A level's measured request ``i`` and client ``k``'s warm-up request, tagged apart."""
+
+    def one(i: int) -> Awaitable[Sample]:
+        return read_stream(http, "v1/chat/completions", body(i, mix, f"{level}-{i}"))
+
+    def warm(k: int) -> Awaitable[Sample]:
+        return read_stream(http, "v1/chat/completions", body(k, mix, f"warm{level}-{k}"))
+
+    return one, warm
+
+
 async def straight_local(
     model_dir: Path, levels: list[int], per_client: int, mix: Mix
 ) -> dict[int, Run]:
@@ -227,8 +258,9 @@ async def straight_local(
     await backend.start()
 
     async def one(i: int) -> Sample:
+        prompt = f"{PROMPTS[i % len(PROMPTS)]} {wire.tag_text(str(i))}"  # as through the gateway
         request = GenerationRequest(
-            messages=[ChatMessage("user", PROMPTS[i % len(PROMPTS)])],
+            messages=[ChatMessage("user", prompt)],
             max_tokens=mix.tokens(i),
             temperature=0.0,
         )
@@ -242,7 +274,7 @@ async def straight_local(
 
     try:
         await drive(1, 2, one)  # warm-up
-        return {c: await drive(c, c * per_client, one) for c in levels}
+        return {c: await drive(c, c * per_client, one, one) for c in levels}
     finally:
         await backend.close()
 
@@ -344,12 +376,8 @@ def _client(url: str, key: str | None = None) -> aiohttp.ClientSession:
 
 async def straight_vllm(url: str, levels: list[int], per_client: int, mix: Mix) -> dict[int, Run]:
     async with _client(url.rstrip("/").removesuffix("/v1")) as http:
-
-        async def one(i: int) -> Sample:
-            return await read_stream(http, "v1/chat/completions", body(i, mix))
-
-        await drive(1, 2, one)
-        return {c: await drive(c, c * per_client, one) for c in levels}
+        await drive(1, 2, *requests(http, mix, 0))
+        return {c: await drive(c, c * per_client, *requests(http, mix, c)) for c in levels}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -378,15 +406,11 @@ async def through_gateway(
 ) -> dict[int, Run]:
     """Like ``straight_*``; also the gateway process's CPU time per request at each level."""
     async with _client(url, key) as http:
-
-        async def one(i: int) -> Sample:
-            return await read_stream(http, "v1/chat/completions", body(i, mix))
-
-        await drive(1, 2, one)
+        await drive(1, 2, *requests(http, mix, 0))
         runs = {}
         for c in levels:
             before = cpu_seconds(pid)
-            runs[c] = await drive(c, c * per_client, one)
+            runs[c] = await drive(c, c * per_client, *requests(http, mix, c))
             runs[c].cpu_ms_per_request = (cpu_seconds(pid) - before) * 1000 / (c * per_client)
         return runs
 
@@ -450,6 +474,7 @@ def report(
         "client floor p50 / p99 ms",
         "net added p50 / p99 ms",
         "in-gateway p50 / p99 ms",
+        "on the wire p50 / p99 ms",
         "straight req/s",
         "through req/s",
         "gateway CPU ms/req",
@@ -471,6 +496,7 @@ def report(
             else "-",
             "{:.2f} / {:.2f}".format(*net_added(s, t)) if s.critical_ms else "-",
             f"{pct(t.own_ms, 0.5):.2f} / {pct(t.own_ms, 0.99):.2f}" if t.own_ms else "-",
+            "{:.2f} / {:.2f}".format(*_p50_p99([x.total_ms for x in t.wire])) if t.wire else "-",
             f"{s.throughput:.2f}",
             f"{t.throughput:.2f}",
             f"{t.cpu_ms_per_request:.2f}" if t.cpu_ms_per_request is not None else "-",
@@ -492,12 +518,52 @@ def report(
                 "",
             )
         )
+    if top.wire:
+        figures.append(
+            ("on the wire: the gateway's ports, kernel timestamps", *_wire_p50_p99(top), "")
+        )
     for name, p50, p99, note in figures:
         console.print(
             f"goal at {max(levels)} streams, added ({name}): p50 <= 2 ms: "
             f"{'PASS' if p50 <= 2.0 else 'FAIL'}; p99 <= 5 ms: {'PASS' if p99 <= 5.0 else 'FAIL'}"
             + note
         )
+
+
+def _p50_p99(values: list[float]) -> tuple[float, float]:
+    return pct(values, 0.5), pct(values, 0.99)
+
+
+def _wire_p50_p99(run: Run) -> tuple[float, float]:
+    return _p50_p99([x.total_ms for x in run.wire or ()])
+
+
+def report_wire(levels: list[int], through: dict[int, Run], capture: wire.Capture) -> None:
+    """The gateway's crossings on the wire, split into the way in and the way out."""
+    table = Table(title="the gateway on the wire (bench/wire.py: kernel timestamps on lo)")
+    for col in (
+        "streams",
+        "requests timed",
+        "ingress p50 / p99 ms",
+        "egress p50 / p99 ms",
+        "in + out p50 / p99 / max ms",
+    ):
+        table.add_column(col, justify="right")
+    for c in levels:
+        crossings = through[c].wire or []
+        totals = [x.total_ms for x in crossings]
+        table.add_row(
+            str(c),
+            str(len(crossings)),
+            "{:.2f} / {:.2f}".format(*_p50_p99([x.ingress_ms for x in crossings])),
+            "{:.2f} / {:.2f}".format(*_p50_p99([x.egress_ms for x in crossings])),
+            "{:.2f} / {:.2f} / {:.2f}".format(*_p50_p99(totals), max(totals, default=0.0)),
+        )
+    console.print(table)
+    console.print(
+        f"packets kept {capture.packets}, dropped by the kernel {capture.dropped}, "
+        f"requests seen going in without a complete crossing {capture.unpaired}"
+    )
 
 
 def net_added(straight: Run, through: Run) -> tuple[float, float]:
@@ -538,6 +604,12 @@ def main() -> None:
         "same tick, as a batched decoder emits them (20: ~50 tokens/s per stream, GPU-like)",
     )
     p.add_argument(
+        "--wire",
+        action="store_true",
+        help="also time the gateway from the packets on the loopback device (bench/wire.py; "
+        "needs root): its way in and way out, free of the client's and the stand-in's delays",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -559,6 +631,11 @@ def main() -> None:
     args = p.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     mix = Mix(args.max_tokens, args.mix == "varied")
+    if args.wire:
+        if not (args.instant_upstream or args.start_vllm or args.vllm_url):
+            p.error("--wire needs an upstream on loopback: --instant-upstream or vLLM")
+        if why := wire.can_capture():
+            p.error(f"--wire: {why}")
     gateway_cpus: set[int] | None = None
     if args.pin:
         if (os.cpu_count() or 1) < 2:
@@ -598,17 +675,29 @@ def main() -> None:
         port = 18000 + os.getpid() % 1000
         console.log("through the gateway")
         proc = start_gateway(settings, port, vllm_url, gateway_cpus, args.workers)
+        capture: wire.Capture | None = None
         try:
-            through = asyncio.run(
-                through_gateway(
-                    f"http://127.0.0.1:{port}",
-                    key,
-                    levels,
-                    args.per_client,
-                    mix,
-                    pid=proc.pid,
+            with contextlib.ExitStack() as sniff:
+                if args.wire:
+                    assert vllm_url is not None
+                    upstream = urlsplit(vllm_url).port or 80
+                    captured = sniff.enter_context(wire.sniffing(port, upstream))
+                through = asyncio.run(
+                    through_gateway(
+                        f"http://127.0.0.1:{port}",
+                        key,
+                        levels,
+                        args.per_client,
+                        mix,
+                        pid=proc.pid,
+                    )
                 )
-            )
+            if args.wire:
+                capture = captured[0]
+                for c in levels:
+                    through[c].wire = [
+                        x for tag, x in capture.crossings.items() if tag.startswith(f"{c}-")
+                    ]
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
@@ -618,6 +707,8 @@ def main() -> None:
     if args.workers > 1:
         backend += f", {args.workers} gateway workers"
     report(levels, straight, through, backend, mix)
+    if capture is not None:
+        report_wire(levels, through, capture)
     if args.pin:
         console.print("pinned: model server and client on CPU 0; gateway alone on CPU 1")
 
