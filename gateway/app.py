@@ -26,6 +26,7 @@ from gateway.auth import KeyVerifier
 from gateway.backends.base import BackendError, ChatBackend
 from gateway.errors import GatewayError, forbidden, from_backend
 from gateway.identity import ConversationLinker, ConversationMemory, SharedMemory
+from gateway.loop_lag import LoopLagProbe
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import Outbox
 from gateway.production import ProductionAdapter
@@ -199,6 +200,8 @@ def create_app(
             alias=cfg.model_alias,
             production_adapter=ProductionAdapter(store, refresh_s=cfg.production_refresh_s),
         )
+        probe = LoopLagProbe(gw_metrics.loop_lag, cfg.loop_lag_interval_s)
+        probe.start()
         if freeze_gc:
             gc.collect()
             gc.freeze()
@@ -209,6 +212,7 @@ def create_app(
         try:
             yield
         finally:
+            await probe.stop()
             await chat_backend.close()
             outbox.close()
             if isinstance(memory, SharedMemory):

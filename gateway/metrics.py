@@ -6,6 +6,7 @@ from services.metrics import Metrics
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 
 
 class GatewayMetrics:
@@ -44,6 +45,14 @@ class GatewayMetrics:
             "end handed to the server (gateway.timing). Requests the backend answered.",
             ["stream"],
             buckets=OVERHEAD_BUCKETS,
+        )
+        self.loop_lag = metrics.histogram(
+            "event_loop_lag",
+            "seconds",
+            "How much later than asked the event loop woke a task that sleeps between samples "
+            "(gateway.loop_lag): the time a request or a token waits before the gateway starts "
+            "on it. A p99 of several ms means the loop is busy: add workers.",
+            buckets=LOOP_LAG_BUCKETS,
         )
         self.disconnects = metrics.counter(
             "client_disconnects",

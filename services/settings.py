@@ -123,6 +123,12 @@ class GatewaySettings(BaseModel):
         default=5.0, gt=0, description="How often the alias re-reads the production adapter."
     )
     local_max_model_len: int = Field(default=2048, ge=128)
+    loop_lag_interval_s: float = Field(
+        default=0.05,
+        gt=0,
+        description="How often each worker samples its event loop's lateness "
+        "(wildloop_gateway_event_loop_lag_seconds).",
+    )
     workers: int = Field(
         default=1,
         ge=1,

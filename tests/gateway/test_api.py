@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -544,6 +545,9 @@ def test_health_readiness_and_metrics(gateway: Gateway) -> None:
     assert "wildloop_gateway_request_duration_seconds_bucket" in text
     assert "wildloop_gateway_outbox_depth_events" in text
     assert 'wildloop_gateway_tokens_total{kind="completion"}' in text
+    # the event loop's lateness is sampled from start-up on (gateway.loop_lag)
+    counted = re.search(r"^wildloop_gateway_event_loop_lag_seconds_count (\S+)$", text, re.M)
+    assert counted is not None and float(counted.group(1)) >= 1
 
 
 def critical_path_counts(gateway: Gateway) -> dict[str, float]:
