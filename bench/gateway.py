@@ -131,6 +131,7 @@ class Run:
     seconds: float
     own_ms: list[float] | None = None
     cpu_ms_per_request: float | None = None
+    loop_lag_ms: tuple[float, float] | None = None  # the gateway's own metric, p50 and p99
     wire: list[wire.Crossing] | None = None  # --wire: the gateway's crossings, from packets
 
     @property
@@ -412,10 +413,50 @@ async def through_gateway(
         await drive(1, 2, *requests(http, mix, 0))
         runs = {}
         for c in levels:
-            before = cpu_seconds(pid)
+            before, lag_before = cpu_seconds(pid), await loop_lag_buckets(http)
             runs[c] = await drive(c, c * per_client, *requests(http, mix, c))
             runs[c].cpu_ms_per_request = (cpu_seconds(pid) - before) * 1000 / (c * per_client)
+            lag_after = await loop_lag_buckets(http)
+            lag = {le: n - lag_before.get(le, 0.0) for le, n in lag_after.items()}
+            runs[c].loop_lag_ms = (bucket_quantile(lag, 0.5), bucket_quantile(lag, 0.99))
         return runs
+
+
+LAG_BUCKET = "wildloop_gateway_event_loop_lag_seconds_bucket"
+
+
+async def loop_lag_buckets(http: aiohttp.ClientSession) -> dict[float, float]:
+    """The gateway's event-loop lag histogram from its ``/metrics``: cumulative count by bound
+    (all workers added up)."""
+    async with http.get("metrics") as response:
+        text = await response.text()
+    counts: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(LAG_BUCKET + "{"):
+            labels, value = line.rsplit(" ", 1)
+            bound = labels.split('le="', 1)[1].split('"', 1)[0]
+            le = float("inf") if bound == "+Inf" else float(bound)
+            counts[le] = counts.get(le, 0.0) + float(value)
+    return counts
+
+
+def bucket_quantile(cumulative: dict[float, float], q: float) -> float:
+    """A quantile in ms from cumulative bucket counts, interpolated within the bucket, as
+    Prometheus's ``histogram_quantile`` does (the top bucket's lower bound if it falls there)."""
+    bounds = sorted(cumulative)
+    total = cumulative.get(float("inf"), 0.0)
+    if not bounds or total <= 0:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for le in bounds:
+        if cumulative[le] >= rank:
+            if le == float("inf"):
+                return lower * 1000
+            inside = cumulative[le] - below
+            share = (rank - below) / inside if inside else 1.0
+            return (lower + (le - lower) * share) * 1000
+        lower, below = le, cumulative[le]
+    return lower * 1000
 
 
 def start_gateway(
@@ -481,6 +522,7 @@ def report(
         "straight req/s",
         "through req/s",
         "gateway CPU ms/req",
+        "loop lag p50 / p99 ms (its metric)",
     ):
         table.add_column(col, justify="right")
     for c in levels:
@@ -503,6 +545,7 @@ def report(
             f"{s.throughput:.2f}",
             f"{t.throughput:.2f}",
             f"{t.cpu_ms_per_request:.2f}" if t.cpu_ms_per_request is not None else "-",
+            "{:.2f} / {:.2f}".format(*t.loop_lag_ms) if t.loop_lag_ms else "-",
         )
     console.print(table)
     top = through[max(levels)]
