@@ -21,7 +21,9 @@ the kernel (its ``recv`` and ``send`` system calls) is inside both intervals; th
 reading and the upstream's writing are outside them.
 
 HTTP/1.1 carries one request at a time per connection, so an upstream ``[DONE]`` belongs to the
-tag last sent on its connection (the proxy reuses upstream connections). Capturing needs
+tag last sent on its connection (the proxy reuses upstream connections). A tag and a ``[DONE]``
+are looked for within one TCP segment: the bench's requests (well under the loopback's 64 KiB
+MTU) are written whole, and a request's last segment is the one with its body. Capturing needs
 ``CAP_NET_RAW`` (root): an ``AF_PACKET`` socket on ``lo`` with kernel timestamps
 (``SO_TIMESTAMPNS``), in its own process, so that how late it reads does not matter.
 """
