@@ -10,7 +10,10 @@ start, ~3.5 GB RSS); the transport tests at the end need no server.
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -290,3 +293,72 @@ async def test_only_time_spent_waiting_for_the_server_counts_as_upstream() -> No
     async for _ in _sse_data(slow_server(), wait):
         time.sleep(0.05)  # the gateway's own work on a chunk: not upstream time
     assert 0.15 <= wait.seconds < 0.25
+
+
+@pytest.fixture
+def recording_server() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """An OpenAI-shaped loopback server that answers every chat request with one token and
+    records each request's path and headers (lower-cased names)."""
+    seen: list[dict[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({":path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+            chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+            if body.get("stream"):
+                events = [
+                    {**chunk, "choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+                    {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+                ]
+                payload = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events)
+                payload += b"data: [DONE]\n\n"
+                kind = "text/event-stream"
+            else:
+                answer = {
+                    **chunk,
+                    "object": "chat.completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "Hi"},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+                }
+                payload, kind = json.dumps(answer).encode(), "application/json"
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+async def test_requests_carry_no_sdk_telemetry_headers(
+    recording_server: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, seen = recording_server
+    backend = VllmBackend(url, base_model="m", api_key="secret", timeout_s=10)
+    try:
+        assert (await backend.complete(GREEDY)).text == "Hi"
+        items = await collect(backend.stream(GREEDY))
+        assert [i.text for i in items if isinstance(i, TextDelta)] == ["Hi"]
+    finally:
+        await backend.close()
+    assert [r[":path"] for r in seen] == ["/v1/chat/completions"] * 2
+    for request in seen:
+        assert request["authorization"] == "Bearer secret"
+        assert request["content-type"] == "application/json"
+        assert not [name for name in request if name.startswith("x-stainless")]
