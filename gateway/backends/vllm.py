@@ -41,10 +41,10 @@ from gateway.backends.base import (
 from services.adapters import InvalidAdapterError, inspect_adapter
 
 _CONNECT_TIMEOUT_S = 10.0
-# Telemetry headers the SDK adds to every request for OpenAI's servers; vLLM ignores them, and
-# building and writing ~9 more headers per request is the largest cost of the SDK's request
-# path that a client can drop (with an absolute URL: ~0.33 -> ~0.25 ms of CPU per request to
-# the request hook, docs/benchmarks.md). ``openai.Omit`` is the SDK's way to remove a header.
+# Telemetry headers the SDK adds to every request for OpenAI's servers; vLLM ignores them.
+# Dropping them (``openai.Omit`` is the SDK's way to remove a header) and posting to an absolute
+# URL cut the client's work before the request leaves from ~0.38-0.42 to ~0.27-0.29 ms per
+# streamed request at the median (bench/sdk_request.py, docs/benchmarks.md).
 _SDK_TELEMETRY_HEADERS = (
     "X-Stainless-Lang",
     "X-Stainless-Package-Version",
