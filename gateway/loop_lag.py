@@ -10,8 +10,9 @@ every ``interval_s`` and records how late it woke, in
 queue behind other requests' work: add workers (``wildloop serve gateway --workers N``, a core
 each).
 
-The probe wakes ``1 / interval_s`` times a second (20 at the default), which costs nothing
-measurable, and its sample of the loop's lateness is unbiased: it does not wake on I/O.
+The probe wakes ``1 / interval_s`` times a second (20 at the default): one timer and one
+histogram observation each. It samples at times set by its own clock, not by traffic, so busy
+and idle moments are sampled alike.
 """
 
 from __future__ import annotations
