@@ -39,7 +39,7 @@ import openai
 from rich.console import Console
 from rich.table import Table
 
-from bench.gateway import BASE, instant_upstream
+from bench.gateway import BASE, instant_upstream, pct
 from gateway.backends.base import ChatMessage, GenerationRequest, StreamEnd
 from gateway.backends.vllm import VllmBackend
 
@@ -125,13 +125,12 @@ def main() -> None:
     for col in ("variant", "requests", "p50 ms", "p90 ms", "mean ms"):
         table.add_column(col, justify="right")
     for name, values in found.items():
-        ordered = sorted(values)
         table.add_row(
             name,
             str(len(values)),
-            f"{statistics.median(ordered):.3f}",
-            f"{ordered[int(0.9 * (len(ordered) - 1))]:.3f}",
-            f"{statistics.fmean(ordered):.3f}",
+            f"{statistics.median(values):.3f}",
+            f"{pct(values, 0.9):.3f}",
+            f"{statistics.fmean(values):.3f}",
         )
     console.print(table)
 
