@@ -406,20 +406,59 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def through_gateway(
-    url: str, key: str, levels: list[int], per_client: int, mix: Mix, *, pid: int
+    url: str,
+    key: str | None,
+    levels: list[int],
+    per_client: int,
+    mix: Mix,
+    *,
+    pid: int,
+    loop_lag: bool = True,
 ) -> dict[int, Run]:
-    """Like ``straight_*``; also the gateway process's CPU time per request at each level."""
+    """Like ``straight_*``; also the process's CPU time per request at each level, and with
+    ``loop_lag`` the gateway's event-loop lag metric over the level."""
     async with _client(url, key) as http:
         await drive(1, 2, *requests(http, mix, 0))
         runs = {}
         for c in levels:
-            before, lag_before = cpu_seconds(pid), await loop_lag_buckets(http)
+            before = cpu_seconds(pid)
+            lag_before = await loop_lag_buckets(http) if loop_lag else {}
             runs[c] = await drive(c, c * per_client, *requests(http, mix, c))
             runs[c].cpu_ms_per_request = (cpu_seconds(pid) - before) * 1000 / (c * per_client)
-            lag_after = await loop_lag_buckets(http)
-            lag = {le: n - lag_before.get(le, 0.0) for le, n in lag_after.items()}
-            runs[c].loop_lag_ms = (bucket_quantile(lag, 0.5), bucket_quantile(lag, 0.99))
+            if loop_lag:
+                lag_after = await loop_lag_buckets(http)
+                lag = {le: n - lag_before.get(le, 0.0) for le, n in lag_after.items()}
+                runs[c].loop_lag_ms = (bucket_quantile(lag, 0.5), bucket_quantile(lag, 0.99))
         return runs
+
+
+def start_relay(port: int, upstream: int, cpus: set[int] | None) -> subprocess.Popen[bytes]:
+    """``bench/relay.py`` on ``port`` in front of ``upstream``, on the gateway's CPUs."""
+    command = [sys.executable, str(Path(__file__).with_name("relay.py")), str(port), str(upstream)]
+    if cpus is not None:
+        command = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *command]
+    proc = subprocess.Popen(command)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the relay did not pass requests on")
+
+
+def timed_on_wire(
+    front: int, upstream: int, levels: list[int], run: Callable[[], dict[int, Run]]
+) -> tuple[dict[int, Run], wire.Capture]:
+    """``run()`` with the packets between ``front`` and ``upstream`` captured; each level's
+    crossings go to its run."""
+    with wire.sniffing(front, upstream) as captured:
+        runs = run()
+    capture = captured[0]
+    for c in levels:
+        runs[c].wire = [x for tag, x in capture.crossings.items() if tag.startswith(f"{c}-")]
+    return runs, capture
 
 
 LAG_BUCKET = "wildloop_gateway_event_loop_lag_seconds_bucket"
@@ -612,6 +651,35 @@ def report_wire(levels: list[int], through: dict[int, Run], capture: wire.Captur
     )
 
 
+def report_floor(levels: list[int], through: dict[int, Run], floor: dict[int, Run]) -> None:
+    """The gateway on the wire next to a bare relay in its place: the machine's floor."""
+    table = Table(title="the gateway and a bare TCP relay in its place, on the wire")
+    for col in (
+        "streams",
+        "relay in + out p50 / p99 ms",
+        "relay ingress p50 / p99",
+        "relay egress p50 / p99",
+        "relay CPU ms/req",
+        "gateway in + out p50 / p99 ms",
+        "gateway less relay p50 / p99 ms",
+    ):
+        table.add_column(col, justify="right")
+    for c in levels:
+        relay, gateway = floor[c].wire or [], through[c].wire or []
+        relay_p = _p50_p99([x.total_ms for x in relay])
+        gateway_p = _p50_p99([x.total_ms for x in gateway])
+        table.add_row(
+            str(c),
+            "{:.2f} / {:.2f}".format(*relay_p),
+            "{:.2f} / {:.2f}".format(*_p50_p99([x.ingress_ms for x in relay])),
+            "{:.2f} / {:.2f}".format(*_p50_p99([x.egress_ms for x in relay])),
+            f"{floor[c].cpu_ms_per_request or 0.0:.2f}",
+            "{:.2f} / {:.2f}".format(*gateway_p),
+            f"{gateway_p[0] - relay_p[0]:.2f} / {gateway_p[1] - relay_p[1]:.2f}",
+        )
+    console.print(table)
+
+
 def net_added(straight: Run, through: Run) -> tuple[float, float]:
     """The critical path through the gateway less the same figure straight to the stand-in, at
     p50 and at p99, as proxies' added latency is usually quoted (each percentile with the proxy
@@ -661,6 +729,12 @@ def main() -> None:
         default=1,
         help="gateway processes (wildloop serve gateway --workers N; not with the local backend)",
     )
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="with --wire: then put a bare TCP relay (bench/relay.py) in the gateway's place, "
+        "on its CPUs, and time it on the wire the same way: what any proxy process costs here",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--vllm-url", help="benchmark a running vLLM server (its /v1 URL)")
     where.add_argument(
@@ -682,6 +756,8 @@ def main() -> None:
             p.error("--wire needs an upstream on loopback: --instant-upstream or vLLM")
         if why := wire.can_capture():
             p.error(f"--wire: {why}")
+    if args.floor and not args.wire:
+        p.error("--floor needs --wire")
     gateway_cpus: set[int] | None = None
     if args.pin:
         if (os.cpu_count() or 1) < 2:
@@ -722,31 +798,46 @@ def main() -> None:
         console.log("through the gateway")
         proc = start_gateway(settings, port, vllm_url, gateway_cpus, args.workers)
         capture: wire.Capture | None = None
-        try:
-            with contextlib.ExitStack() as sniff:
-                if args.wire:
-                    assert vllm_url is not None
-                    upstream = urlsplit(vllm_url).port or 80
-                    captured = sniff.enter_context(wire.sniffing(port, upstream))
-                through = asyncio.run(
-                    through_gateway(
-                        f"http://127.0.0.1:{port}",
-                        key,
-                        levels,
-                        args.per_client,
-                        mix,
-                        pid=proc.pid,
-                    )
+        upstream = (urlsplit(vllm_url).port or 80) if vllm_url else 0
+
+        def gateway_run() -> dict[int, Run]:
+            return asyncio.run(
+                through_gateway(
+                    f"http://127.0.0.1:{port}", key, levels, args.per_client, mix, pid=proc.pid
                 )
+            )
+
+        try:
             if args.wire:
-                capture = captured[0]
-                for c in levels:
-                    through[c].wire = [
-                        x for tag, x in capture.crossings.items() if tag.startswith(f"{c}-")
-                    ]
+                through, capture = timed_on_wire(port, upstream, levels, gateway_run)
+            else:
+                through = gateway_run()
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+        floor: dict[int, Run] | None = None
+        if args.floor:
+            console.log("through a bare TCP relay in the gateway's place (bench/relay.py)")
+            relay = start_relay(port, upstream, gateway_cpus)
+
+            def relay_run() -> dict[int, Run]:
+                return asyncio.run(
+                    through_gateway(
+                        f"http://127.0.0.1:{port}",
+                        None,
+                        levels,
+                        args.per_client,
+                        mix,
+                        pid=relay.pid,
+                        loop_lag=False,
+                    )
+                )
+
+            try:
+                floor, _ = timed_on_wire(port, upstream, levels, relay_run)
+            finally:
+                relay.send_signal(signal.SIGTERM)
+                relay.wait(timeout=30)
     backend = "instant stand-in" if args.instant_upstream else "vllm" if vllm_url else "local"
     if args.instant_upstream and args.upstream_step_ms:
         backend = f"stand-in, one token per {args.upstream_step_ms:g} ms step"
@@ -755,6 +846,8 @@ def main() -> None:
     report(levels, straight, through, backend, mix)
     if capture is not None:
         report_wire(levels, through, capture)
+    if floor is not None:
+        report_floor(levels, through, floor)
     if args.pin:
         console.print("pinned: model server and client on CPU 0; gateway alone on CPU 1")
 

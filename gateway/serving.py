@@ -48,6 +48,8 @@ from services.store.keys import KeyInfo
 log = logging.getLogger(__name__)
 
 ROLE_MAP = {"developer": "system"}
+# How long a backend stream may take after its StreamEnd to reach its own end (see ``_finish``).
+DRAIN_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +266,7 @@ class ChatService:
         # socket send per request.
         head = encode.role()
         item = opened.first
+        answered = False  # the closing events were sent
         try:
             while item is not None:
                 if isinstance(item, TextDelta):
@@ -277,7 +280,11 @@ class ChatService:
                     else:
                         yield encode.content(item.text)
                 else:
+                    # The answer is complete: the closing events go out now. A backend may
+                    # still have work after its StreamEnd (vLLM: reading the end of the HTTP
+                    # body); that is done after they are sent (``_finish``).
                     end = item
+                    break
                 asked = time.perf_counter()
                 try:
                     item = await anext(stream)
@@ -315,6 +322,7 @@ class ChatService:
             self.metrics.overhead.labels("true").observe(ready - started - waited)
             yield b"".join(tail)
             timing.answered_at = time.perf_counter()
+            answered = True
         except BackendError as exc:
             err = from_backend(exc)
             body = ErrorResponse.of(err.message, err.type, err.code)
@@ -324,21 +332,24 @@ class ChatService:
             raise
         finally:
             # Runs on completion, on backend failure and when the client goes away (the server
-            # closes this generator): whatever was generated is logged, marked partial if cut.
-            await _aclose(stream)
-            if pieces or end is not None:
-                self._log_quietly(
-                    x,
-                    "".join(pieces),
-                    started_at=started_at,
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                    ttft_ms=ttft,
-                    prompt_tokens=end.prompt_tokens if end else None,
-                    completion_tokens=end.completion_tokens if end else len(pieces),
-                    partial=end is None,
-                )
-            if end is not None:
-                self._count_tokens(end.prompt_tokens, end.completion_tokens)
+            # closes this generator, or cancels it while the backend stream is being finished):
+            # whatever was generated is logged first, marked partial if cut.
+            try:
+                if pieces or end is not None:
+                    self._log_quietly(
+                        x,
+                        "".join(pieces),
+                        started_at=started_at,
+                        latency_ms=(time.perf_counter() - started) * 1000,
+                        ttft_ms=ttft,
+                        prompt_tokens=end.prompt_tokens if end else None,
+                        completion_tokens=end.completion_tokens if end else len(pieces),
+                        partial=end is None,
+                    )
+                if end is not None:
+                    self._count_tokens(end.prompt_tokens, end.completion_tokens)
+            finally:
+                await _finish(stream, complete=answered)
 
     def _log_quietly(self, x: Exchange, answer: str, **kw: Any) -> None:
         """Log a streamed answer; the response is already sent, so a full backlog can only be
@@ -474,6 +485,22 @@ class _Opened:
     started: float  # perf_counter() when the backend was called
     started_at: datetime
     waited: float  # seconds until the first item
+
+
+async def _finish(stream: AsyncIterator[StreamItem], *, complete: bool) -> None:
+    """Release a backend stream: after its ``StreamEnd``, iterate it to its end (vLLM reads the
+    rest of the HTTP body, so the connection is kept for the next request; the client's body
+    ends after that, so a server that never ends its body is cut off after ``DRAIN_S``), else
+    close it (the backend stops generating)."""
+    try:
+        if complete:
+            async with asyncio.timeout(DRAIN_S):
+                async for item in stream:
+                    log.warning("backend stream went on after its end", extra={"item": repr(item)})
+    except (BackendError, TimeoutError) as exc:  # the answer was whole: only a connection is lost
+        log.info("backend stream did not end cleanly", extra={"error": repr(exc)})
+    finally:
+        await _aclose(stream)
 
 
 async def _aclose(stream: AsyncIterator[object]) -> None:

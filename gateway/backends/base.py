@@ -120,8 +120,10 @@ class ChatBackend(Protocol):
     async def complete(self, request: GenerationRequest) -> Completion: ...
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
-        """Text deltas as they are generated, then exactly one ``StreamEnd``. Closing the
-        iterator early (client gone) stops generation."""
+        """Text deltas as they are generated, then exactly one ``StreamEnd``, as soon as the
+        answer is complete. Closing the iterator early (client gone) stops generation; after
+        ``StreamEnd``, iterate it to its end instead, where a backend still has work to finish
+        (vLLM: reading the rest of the HTTP body, which keeps the connection)."""
         ...
 
     async def adapters(self, *, fresh: bool = False) -> dict[str, str]:

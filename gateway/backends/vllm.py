@@ -173,6 +173,7 @@ class VllmBackend:
         body = self._body(request, stream=True, stream_options={"include_usage": True})
         marks: list[float] = []
         wait = _Wait()
+        done = False
         try:
             token = _MARKS.set(marks)
             try:
@@ -190,7 +191,12 @@ class VllmBackend:
             try:
                 async for data in _sse_data(sse.response.aiter_bytes(), wait):
                     if data == b"[DONE]":
-                        continue  # read on to the end, so the connection can be reused
+                        # vLLM's last event; the end of the HTTP body comes in a later write.
+                        # The answer is complete: end now, and read on to the end of the body
+                        # only when iterated again, so the connection can be reused.
+                        done = True
+                        yield self._end(finish, prompt_tokens, completion_tokens, wait, marks)
+                        continue
                     chunk = json.loads(data)
                     if "error" in chunk:  # vLLM reports a mid-stream failure as an event
                         raise BackendError(f"vLLM error: {_chunk_error(chunk)}")
@@ -212,10 +218,17 @@ class VllmBackend:
             raise BackendTimeoutError(f"vLLM did not answer in time: {err!r}") from err
         except (httpx2.HTTPError, httpx.HTTPError, json.JSONDecodeError) as err:
             raise BackendUnavailableError(f"vLLM stream broke off: {err!r}") from err
-        yield StreamEnd(
+        if not done:  # a body that ended without [DONE]
+            yield self._end(finish, prompt_tokens, completion_tokens, wait, marks)
+
+    @staticmethod
+    def _end(
+        finish: FinishReason, prompt: int, completion: int, wait: _Wait, marks: list[float]
+    ) -> StreamEnd:
+        return StreamEnd(
             finish,
-            prompt_tokens,
-            completion_tokens,
+            prompt,
+            completion,
             upstream_s=wait.seconds,
             upstream_sent_at=marks[0] if marks else None,
             upstream_last_at=wait.last or None,

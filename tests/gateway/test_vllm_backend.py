@@ -34,6 +34,7 @@ from gateway.backends.base import (
     UnknownAdapterError,
 )
 from gateway.backends.vllm import VllmBackend
+from tests.support.lingering_sse import lingering_sse_server
 from tests.support.net import free_port
 from tests.support.vllm_server import VllmServer
 
@@ -362,3 +363,28 @@ async def test_requests_carry_no_sdk_telemetry_headers(
         assert request["authorization"] == "Bearer secret"
         assert request["content-type"] == "application/json"
         assert not [name for name in request if name.startswith("x-stainless")]
+
+
+async def test_a_stream_ends_at_done_and_then_keeps_its_connection() -> None:
+    """vLLM writes ``[DONE]`` and the end of its HTTP body separately: the backend's StreamEnd
+    comes at ``[DONE]``; iterating on reads the body to its end, so the next request reuses the
+    connection."""
+    with lingering_sse_server(linger_s=1.5) as server:
+        backend = VllmBackend(server.url, base_model=server.model, timeout_s=10)
+        try:
+            for _ in range(2):
+                started = time.monotonic()
+                stream = backend.stream(GREEDY)
+                items = []
+                async for item in stream:
+                    items.append(item)
+                    if isinstance(item, StreamEnd):
+                        break
+                assert time.monotonic() - started < 1.0  # not held until the body's end
+                assert [i.text for i in items if isinstance(i, TextDelta)] == ["Hi"]
+                assert items[-1] == StreamEnd("stop", 3, 1)
+                assert await collect(stream) == []  # the rest: the end of the body
+                assert time.monotonic() - started >= 1.5
+        finally:
+            await backend.close()
+        assert server.connection_count == 1

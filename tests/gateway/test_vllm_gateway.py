@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from gateway import serving
 from services.bus.embedded import EmbeddedEventLog
 from services.events.codec import decode
 from services.events.schemas import AdapterLifecycleChanged, Event, TurnLogged
@@ -24,6 +25,7 @@ from services.store import keys
 from services.store.repository import Store
 from tests.bus.helpers import settle
 from tests.support.gateway_server import running_gateway
+from tests.support.lingering_sse import lingering_sse_server
 from tests.support.net import free_port
 from tests.support.vllm_server import VllmServer
 
@@ -211,3 +213,79 @@ def test_a_gateway_whose_vllm_is_down_answers_503_in_openai_s_format(
             assert "vLLM" in str(down.value.message)
     # The turn was never answered, so nothing was logged for it.
     assert not [e for e in logged_events(settings) if isinstance(e, TurnLogged)]
+
+
+def test_a_streamed_answer_ends_for_the_client_when_vllm_sends_done(tmp_path: Path) -> None:
+    """The closing events go out when vLLM's ``[DONE]`` comes in, not when its HTTP body ends
+    (a separate write, held back here for 1.5 s); the answer is logged whole."""
+    with lingering_sse_server(model=BASE, text="Paris", linger_s=1.5) as upstream:
+        settings = WildloopSettings(
+            data_dir=tmp_path,
+            vllm_url=upstream.url,
+            gateway=GatewaySettings(port=free_port(), auth_required=False),
+            log_format="console",
+        )
+        with running_gateway(settings) as url:
+            body = {"model": BASE, "messages": QUESTION, "stream": True, **GREEDY}
+            for _ in range(2):
+                started = time.monotonic()
+                lines: list[str] = []
+                with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                    for line in response.iter_lines():
+                        lines.append(line)
+                        if line == "data: [DONE]":
+                            done_after = time.monotonic() - started
+                assert done_after < 1.0
+                assert time.monotonic() - started >= 1.5  # the body ends after vLLM's
+                chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+                assert (
+                    "".join(
+                        c["choices"][0]["delta"].get("content") or ""
+                        for c in chunks
+                        if c["choices"]
+                    )
+                    == "Paris"
+                )
+            assert upstream.connection_count <= 2  # one for /readyz's checks, one kept for chat
+        answers = [
+            e
+            for e in logged_events(settings)
+            if isinstance(e, TurnLogged) and e.role == "assistant"
+        ]
+        assert [(a.content, a.partial) for a in answers] == [("Paris", False)] * 2
+
+
+def test_a_vllm_body_that_does_not_end_after_done_holds_no_client_and_loses_no_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After ``[DONE]`` the gateway reads vLLM's body to its end before ending its own, but
+    only for ``DRAIN_S``: a server that holds its body open does not hold the client. A client
+    that hangs up at ``[DONE]`` (the sync ``openai`` SDK closes its response there) while the
+    gateway is still reading does not cost the logged answer either."""
+    monkeypatch.setattr(serving, "DRAIN_S", 0.3)
+    with lingering_sse_server(model=BASE, text="Paris", linger_s=3.0) as upstream:
+        settings = WildloopSettings(
+            data_dir=tmp_path,
+            vllm_url=upstream.url,
+            gateway=GatewaySettings(port=free_port(), auth_required=False),
+            log_format="console",
+        )
+        with running_gateway(settings) as url:
+            body = {"model": BASE, "messages": QUESTION, "stream": True, **GREEDY}
+            started = time.monotonic()
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                lines = list(response.iter_lines())  # to the end of the body
+            assert "data: [DONE]" in lines
+            assert time.monotonic() - started < 2.0  # not the server's 3 s
+
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            stream = client.chat.completions.create(
+                model=BASE, messages=QUESTION, stream=True, **GREEDY
+            )
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Paris"
+        answers = [
+            e
+            for e in logged_events(settings)
+            if isinstance(e, TurnLogged) and e.role == "assistant"
+        ]
+        assert [(a.content, a.partial) for a in answers] == [("Paris", False)] * 2
