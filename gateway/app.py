@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -242,10 +242,14 @@ def worker_app() -> FastAPI:
 # --- dependencies --------------------------------------------------------------------------------
 
 
-async def current_key(
-    request: Request, authorization: Annotated[str | None, Header()] = None
-) -> KeyInfo:
-    return await request.app.state.keys.authenticate(authorization)
+# Headers are read from the request, not declared as ``Header()`` parameters: FastAPI validates
+# each declared header parameter on every request, and the two on the chat route cost ~70-130 us
+# of its ~200 us of routing per request (``bench``-style timing of the app called directly,
+# docs/benchmarks.md), on the way in of every chat request.
+
+
+async def current_key(request: Request) -> KeyInfo:
+    return await request.app.state.keys.authenticate(request.headers.get("authorization"))
 
 
 async def admin_key(key: Annotated[KeyInfo, Depends(current_key)]) -> KeyInfo:
@@ -275,8 +279,8 @@ def _install_routes(app: FastAPI) -> None:
         request: Request,
         key: Key,
         svc: Service,
-        x_conversation_id: Annotated[str | None, Header()] = None,
     ) -> Response:
+        x_conversation_id = request.headers.get("x-conversation-id")
         request.state.model = body.model
         timing: RequestTiming = request.state.timing
         target = await svc.resolve_model(body.model)
