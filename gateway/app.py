@@ -243,9 +243,9 @@ def worker_app() -> FastAPI:
 
 
 # Headers are read from the request, not declared as ``Header()`` parameters: FastAPI validates
-# each declared header parameter on every request, and the two on the chat route cost ~70-130 us
-# of its ~200 us of routing per request (``bench``-style timing of the app called directly,
-# docs/benchmarks.md), on the way in of every chat request.
+# each declared header parameter on every request, and the two the chat route had cost ~70-130 us
+# of its ~200 us of routing, on the way in of every chat request (the route's shapes timed by
+# calling them as an ASGI app in a loop; docs/benchmarks.md, sixth session).
 
 
 async def current_key(request: Request) -> KeyInfo:
