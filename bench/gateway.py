@@ -42,6 +42,11 @@ gateway's code adds, and it leaves out what only an outside view sees: the time 
 chunk waited in the kernel while the event loop was busy with other streams, uvicorn's HTTP
 parsing, the two extra loopback hops, and the client. The gap between *net added* and
 *in-gateway* is that remainder.
+
+*On the wire* (``--wire``, root) times the gateway by its packets on the loopback device
+(``bench/wire.py``). ``--floor`` then puts a bare TCP relay (``bench/relay.py``) in the
+gateway's place, on its CPU, and times it the same way: what any proxy process costs on the
+machine, so that what the gateway adds beyond it is its own software.
 """
 
 from __future__ import annotations
