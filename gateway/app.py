@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,6 +41,7 @@ from gateway.protocol import (
     UnloadAdapterRequest,
 )
 from gateway.serving import ChatService
+from gateway.streaming import EventStreamResponse
 from gateway.timing import RequestTiming
 from services.bus.factory import build_bus
 from services.events.schemas import AdapterAction, AdapterLifecycleChanged
@@ -289,10 +290,8 @@ def _install_routes(app: FastAPI) -> None:
             stream, conversation = await svc.prepare_stream(
                 body, key, x_conversation_id, target, timing
             )
-            return StreamingResponse(
-                stream,
-                media_type="text/event-stream",
-                headers={"X-Conversation-Id": conversation, "Cache-Control": "no-cache"},
+            return EventStreamResponse(
+                stream, headers={"X-Conversation-Id": conversation, "Cache-Control": "no-cache"}
             )
         answered = asyncio.ensure_future(svc.complete(body, key, x_conversation_id, target, timing))
         try:
