@@ -244,9 +244,8 @@ def worker_app() -> FastAPI:
 
 
 # Headers are read from the request, not declared as ``Header()`` parameters: FastAPI validates
-# each declared header parameter on every request, and the two the chat route had cost ~70-130 us
-# of its ~200 us of routing, on the way in of every chat request (the route's shapes timed by
-# calling them as an ASGI app in a loop; docs/benchmarks.md, sixth session).
+# each declared header parameter on every request, and the two the chat route had cost ~60-140 us
+# of CPU on the way in of every chat request (``bench/routing.py``; docs/benchmarks.md).
 
 
 async def current_key(request: Request) -> KeyInfo:

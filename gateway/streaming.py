@@ -2,9 +2,9 @@
 
 Starlette's ``StreamingResponse``, under a server that speaks ASGI's HTTP spec below 2.4 (uvicorn
 reports 2.3), streams the body in a second task of an anyio task group while the request's task
-waits for the client to disconnect. That costs ~140-195 us of CPU per streamed response of 17
-chunks on the development machine, against ~22-43 us for this class (3,000 responses to a null
-server in a loop; docs/benchmarks.md), on the one event loop that relays every stream's tokens.
+waits for the client to disconnect. That costs ~140-200 us of CPU per streamed response of 17
+chunks on the development machine, against ~30-40 us for this class (``bench/routing.py``;
+docs/benchmarks.md), on the one event loop that relays every stream's tokens.
 
 This class streams in the request's task and watches for the disconnect in a plain asyncio
 task, which cancels the request's task when the client goes away, as the task group's
