@@ -46,3 +46,5 @@ class EventStreamResponse(StreamingResponse):
             task.uncancel()
         finally:
             watcher.cancel()
+        if self.background is not None:  # as Starlette runs it: after the body, client gone or not
+            await self.background()
