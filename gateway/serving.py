@@ -266,7 +266,6 @@ class ChatService:
         # socket send per request.
         head = encode.role()
         item = opened.first
-        answered = False  # the closing events were sent
         try:
             while item is not None:
                 if isinstance(item, TextDelta):
@@ -322,7 +321,6 @@ class ChatService:
             self.metrics.overhead.labels("true").observe(ready - started - waited)
             yield b"".join(tail)
             timing.answered_at = time.perf_counter()
-            answered = True
         except BackendError as exc:
             err = from_backend(exc)
             body = ErrorResponse.of(err.message, err.type, err.code)
@@ -349,7 +347,8 @@ class ChatService:
                 if end is not None:
                     self._count_tokens(end.prompt_tokens, end.completion_tokens)
             finally:
-                await _finish(stream, complete=answered)
+                # the closing events were sent: the backend stream has only its end left
+                await _finish(stream, complete=timing.answered_at is not None)
 
     def _log_quietly(self, x: Exchange, answer: str, **kw: Any) -> None:
         """Log a streamed answer; the response is already sent, so a full backlog can only be

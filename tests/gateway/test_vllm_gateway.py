@@ -25,7 +25,7 @@ from services.store import keys
 from services.store.repository import Store
 from tests.bus.helpers import settle
 from tests.support.gateway_server import running_gateway
-from tests.support.lingering_sse import lingering_sse_server
+from tests.support.lingering_sse import LingeringServer, lingering_sse_server
 from tests.support.net import free_port
 from tests.support.vllm_server import VllmServer
 
@@ -215,44 +215,51 @@ def test_a_gateway_whose_vllm_is_down_answers_503_in_openai_s_format(
     assert not [e for e in logged_events(settings) if isinstance(e, TurnLogged)]
 
 
+def _in_front_of(upstream: LingeringServer, data_dir: Path) -> WildloopSettings:
+    """A gateway without auth in front of a lingering stand-in for vLLM."""
+    return WildloopSettings(
+        data_dir=data_dir,
+        vllm_url=upstream.url,
+        gateway=GatewaySettings(port=free_port(), auth_required=False),
+        log_format="console",
+    )
+
+
+def _logged_answers(settings: WildloopSettings) -> list[tuple[str, bool]]:
+    """(content, partial) of every assistant turn logged so far."""
+    return [
+        (e.content, e.partial)
+        for e in logged_events(settings)
+        if isinstance(e, TurnLogged) and e.role == "assistant"
+    ]
+
+
 def test_a_streamed_answer_ends_for_the_client_when_vllm_sends_done(tmp_path: Path) -> None:
     """The closing events go out when vLLM's ``[DONE]`` comes in, not when its HTTP body ends
-    (a separate write, held back here for 1.5 s); the answer is logged whole."""
+    (a separate write, held back here for 1.5 s); the answer is logged whole, and the rest of
+    vLLM's body is read so the next request reuses its connection."""
     with lingering_sse_server(model=BASE, text="Paris", linger_s=1.5) as upstream:
-        settings = WildloopSettings(
-            data_dir=tmp_path,
-            vllm_url=upstream.url,
-            gateway=GatewaySettings(port=free_port(), auth_required=False),
-            log_format="console",
-        )
+        settings = _in_front_of(upstream, tmp_path)
         with running_gateway(settings) as url:
             body = {"model": BASE, "messages": QUESTION, "stream": True, **GREEDY}
             for _ in range(2):
                 started = time.monotonic()
+                done_after: float | None = None
                 lines: list[str] = []
                 with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
                     for line in response.iter_lines():
                         lines.append(line)
                         if line == "data: [DONE]":
                             done_after = time.monotonic() - started
-                assert done_after < 1.0
+                assert done_after is not None and done_after < 1.0
                 assert time.monotonic() - started >= 1.5  # the body ends after vLLM's
                 chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
-                assert (
-                    "".join(
-                        c["choices"][0]["delta"].get("content") or ""
-                        for c in chunks
-                        if c["choices"]
-                    )
-                    == "Paris"
+                text = "".join(
+                    c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
                 )
-            assert upstream.connection_count <= 2  # one for /readyz's checks, one kept for chat
-        answers = [
-            e
-            for e in logged_events(settings)
-            if isinstance(e, TurnLogged) and e.role == "assistant"
-        ]
-        assert [(a.content, a.partial) for a in answers] == [("Paris", False)] * 2
+                assert text == "Paris"
+            assert upstream.connection_count == 1  # both chats on one kept connection
+        assert _logged_answers(settings) == [("Paris", False)] * 2
 
 
 def test_a_vllm_body_that_does_not_end_after_done_holds_no_client_and_loses_no_turn(
@@ -264,12 +271,7 @@ def test_a_vllm_body_that_does_not_end_after_done_holds_no_client_and_loses_no_t
     gateway is still reading does not cost the logged answer either."""
     monkeypatch.setattr(serving, "DRAIN_S", 0.3)
     with lingering_sse_server(model=BASE, text="Paris", linger_s=3.0) as upstream:
-        settings = WildloopSettings(
-            data_dir=tmp_path,
-            vllm_url=upstream.url,
-            gateway=GatewaySettings(port=free_port(), auth_required=False),
-            log_format="console",
-        )
+        settings = _in_front_of(upstream, tmp_path)
         with running_gateway(settings) as url:
             body = {"model": BASE, "messages": QUESTION, "stream": True, **GREEDY}
             started = time.monotonic()
@@ -283,9 +285,4 @@ def test_a_vllm_body_that_does_not_end_after_done_holds_no_client_and_loses_no_t
                 model=BASE, messages=QUESTION, stream=True, **GREEDY
             )
             assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Paris"
-        answers = [
-            e
-            for e in logged_events(settings)
-            if isinstance(e, TurnLogged) and e.role == "assistant"
-        ]
-        assert [(a.content, a.partial) for a in answers] == [("Paris", False)] * 2
+        assert _logged_answers(settings) == [("Paris", False)] * 2

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -22,7 +22,7 @@ class LingeringServer:
     url: str  # the OpenAI base URL, .../v1
     model: str
     linger_s: float
-    connections: list[int] = field(default_factory=lambda: [0])
+    connections: list[int]  # [count], shared with the server's handler threads
 
     @property
     def connection_count(self) -> int:
